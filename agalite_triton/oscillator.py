@@ -1,0 +1,64 @@
+"""Exact oscillator coefficients ``cos(tick * omega_j)`` from integer ticks.
+
+The original computes ``cos(float32(tick) * linspace(-pi, pi, r))`` in float32, so its phase degrades
+past ~1e5 steps and its tick stops advancing past 2**24. Every omega is a rational multiple of pi,
+``omega_j = pi * m_j / den`` with ``m_j = 2j - (r - 1)`` and ``den = r - 1`` (``m = -1, den = 1`` for
+``r = 1``), so ``cos(tick * omega_j)`` depends only on ``tick * m_j mod 2 * den``. Reducing in integer
+arithmetic gives the exact phase for any int64 tick; the cosine of the reduced phase is evaluated in
+float64 and rounded once to float32. For small ticks this equals the original to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+
+__all__ = ["oscillator_period", "oscillator_table", "oscillator_coefficients", "tick_residue"]
+
+
+def _numerators(r: int) -> tuple[list[int], int]:
+    if r < 1:
+        raise ValueError(f"r must be >= 1, got {r}")
+    if r == 1:
+        return [-1], 1
+    return [2 * j - (r - 1) for j in range(r)], r - 1
+
+
+def oscillator_period(r: int) -> int:
+    """Period P in ticks of all r oscillators together: ``cos(t * omega_j)`` depends on ``t mod P`` only."""
+    return 2 * _numerators(r)[1]
+
+
+@lru_cache(maxsize=64)
+def _table_f64(r: int) -> tuple[tuple[float, ...], ...]:
+    ms, den = _numerators(r)
+    period = 2 * den
+    return tuple(
+        tuple(math.cos(math.pi * ((n * m) % period) / den) for n in range(period)) for m in ms
+    )
+
+
+def oscillator_table(r: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(r, P) float32 table: ``table[j, n] = cos(n * omega_j)`` for the residue ``n = tick mod P``."""
+    return torch.tensor(_table_f64(r), dtype=torch.float32, device=device)
+
+
+def tick_residue(tick: torch.Tensor, r: int) -> torch.Tensor:
+    """``tick mod P`` as int64 in ``[0, P)``; exact for every int64 tick, negative ones included."""
+    return torch.remainder(tick, oscillator_period(r))
+
+
+def oscillator_coefficients(tick: torch.Tensor, steps: int, r: int) -> torch.Tensor:
+    """(B, T, r) float32 coefficients for the steps of one call.
+
+    ``tick`` (B,) int64 is the tick *before* the call; step t (0-based) uses ``tick + t + 1``, as the
+    original's ``tick + arange(1, T + 1)``.
+    """
+    period = oscillator_period(r)
+    # Reduce before adding so that no intermediate can overflow int64, whatever the tick.
+    steps_idx = torch.arange(1, steps + 1, device=tick.device, dtype=torch.int64)
+    residue = torch.remainder(tick_residue(tick, r).unsqueeze(-1) + steps_idx, period)
+    table = oscillator_table(r, device=tick.device)
+    return table.t()[residue]

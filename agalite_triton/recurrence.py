@@ -1,0 +1,99 @@
+"""The one functional entry point for an AGaLiTe attention layer's recurrence.
+
+Letters used everywhere in this package:
+    B batch (environments), T time steps of one call, H heads, D head dim, eta feature multiplier,
+    E = eta * D feature dim, R approximation terms (the paper's r, one oscillator each), L layers.
+
+Per step t (0-based inside the call), head h, with sigma = sigmoid and keep_t = 1 - done_t:
+    K_t = relu(p1_t) (x) relu(k_t),  Q_t = relu(p2_t) (x) relu(q_t),  G_t = sigma(p3_t) (x) sigma(gamma_t)
+        -- (H, E) outer products, eta-major: index n*D + i
+    b_t = sigma(beta_t)                                     (H, D); values have no activation
+    c_t[j] = cos(theta_t * omega_j), theta_t = tick + t + 1, omega = linspace(-pi, pi, R)
+    tilde_k_t[j] = (1 - G_t) keep_t tilde_k_{t-1}[j] + c_t[j] G_t K_t
+    tilde_v_t[j] = (1 - b_t) keep_t tilde_v_{t-1}[j] + c_t[j] b_t v_t
+    s_t          = (1 - G_t) keep_t s_{t-1}          +        G_t K_t
+    out_t = sum_j tilde_v_t[j] <tilde_k_t[j], Q_t> / (2 R <s_t, Q_t> + eps)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._validation import FLOAT_DTYPES, check_dones, check_tensor
+from .backend import resolve_backend
+from .reference import reference_recurrence
+
+__all__ = ["agalite_recurrence"]
+
+State = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def agalite_recurrence(
+    keys: torch.Tensor,
+    queries: torch.Tensor,
+    values: torch.Tensor,
+    beta: torch.Tensor,
+    gamma: torch.Tensor,
+    p1: torch.Tensor,
+    p2: torch.Tensor,
+    p3: torch.Tensor,
+    dones: torch.Tensor | None,
+    tilde_k: torch.Tensor,
+    tilde_v: torch.Tensor,
+    s: torch.Tensor,
+    tick: torch.Tensor,
+    *,
+    eps: float = 1e-5,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, State]:
+    """Run one attention layer's recurrence over T steps.
+
+    Args:
+        keys, queries, values, beta, gamma: (B, T, H, D) raw projections (before any activation), one
+            floating dtype. Any strides are accepted (views into the fused projection are the norm).
+        p1, p2, p3: (B, T, H, eta) raw projections for the key, query and gamma feature maps.
+        dones: (B, T) bool or 0/1 floating, or None. ``dones[b, t]`` means step t starts a new episode:
+            the memory is zeroed before step t's contribution. None: no resets.
+        tilde_k: (B, R, H, E), tilde_v: (B, R, H, D), s: (B, H, E): float32 (float64 for float64 inputs).
+        tick: (B,) int64, the tick before the call; step t uses ``tick + t + 1``. The caller advances
+            it by T; dones do not reset it.
+        eps: added to ``2 R <s, Q>`` after the factor 2R, as the original.
+        backend: ``None`` (``AGALITE_BACKEND``, default ``auto``), ``auto``, ``reference`` or ``triton``.
+
+    Returns:
+        out (B, T, H, D) in the input dtype, and the final state ``(tilde_k, tilde_v, s)`` in float32.
+    """
+    check_tensor("keys", keys, shape=("B", "T", "H", "D"), dtype=FLOAT_DTYPES)
+    batch, steps, heads, dim = keys.shape
+    device, dtype = keys.device, keys.dtype
+    for name, t in (("queries", queries), ("values", values), ("beta", beta), ("gamma", gamma)):
+        check_tensor(name, t, shape=(batch, steps, heads, dim), dtype=dtype, device=device)
+    check_tensor("p1", p1, shape=(batch, steps, heads, "eta"), dtype=dtype, device=device)
+    eta = p1.shape[-1]
+    for name, t in (("p2", p2), ("p3", p3)):
+        check_tensor(name, t, shape=(batch, steps, heads, eta), dtype=dtype, device=device)
+    if dones is not None:
+        check_dones("dones", dones, (batch, steps), device)
+    # The state is float32 whatever the input dtype; float64 inputs keep a float64 state (an oracle).
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    check_tensor("tilde_k", tilde_k, shape=(batch, "R", heads, eta * dim), dtype=sdt, device=device)
+    r = tilde_k.shape[1]
+    if r < 1:
+        raise ValueError(f"tilde_k: expected R >= 1 approximation terms, got shape {tuple(tilde_k.shape)}")
+    check_tensor("tilde_v", tilde_v, shape=(batch, r, heads, dim), dtype=sdt, device=device)
+    check_tensor("s", s, shape=(batch, heads, eta * dim), dtype=sdt, device=device)
+    check_tensor("tick", tick, shape=(batch,), dtype=torch.int64, device=device)
+
+    chosen = resolve_backend(backend, device)
+    if steps == 0:
+        # Nothing to scan: an empty read-out and the incoming state, copied so callers may mutate it.
+        return keys.new_empty(batch, 0, heads, dim), (tilde_k.clone(), tilde_v.clone(), s.clone())
+    if chosen == "triton":
+        from .kernels import triton_recurrence
+
+        return triton_recurrence(
+            keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick, eps=eps
+        )
+    return reference_recurrence(
+        keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick, eps=eps
+    )

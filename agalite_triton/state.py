@@ -1,0 +1,101 @@
+"""The recurrent state of an AGaLiTe stack, one NamedTuple of tensors.
+
+Batch is dimension 1 of every memory tensor (dimension 0 is the layer), so that storing per-env
+states in a rollout buffer, or picking a minibatch of environments, is plain indexing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from ._validation import check_tensor
+
+__all__ = ["AGaLiTeState"]
+
+
+class AGaLiTeState(NamedTuple):
+    """Recurrent memory of every layer and the per-environment tick.
+
+    tilde_k: (L, B, R, H, E) float32;  tilde_v: (L, B, R, H, D) float32;  s: (L, B, H, E) float32;
+    tick: (B,) int64, the number of steps taken so far plus the initial tick (1, as the original).
+    Dones never reset the tick; only the memories.
+    """
+
+    tilde_k: torch.Tensor
+    tilde_v: torch.Tensor
+    s: torch.Tensor
+    tick: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.tick.shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.tilde_k.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.tick.device
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(tilde_k, tilde_v, s)`` of one layer, each with batch first."""
+        return self.tilde_k[index], self.tilde_v[index], self.s[index]
+
+    def memories(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.tilde_k, self.tilde_v, self.s
+
+    def reset(self, mask: torch.Tensor) -> AGaLiTeState:
+        """A new state with the memories of the environments where ``mask`` (B,) is true zeroed.
+
+        The tick is kept, as a done inside a sequence keeps it: ``state.reset(m)`` then a call equals the
+        call with ``dones[:, 0] = m``. The state passed in is not modified.
+        """
+        check_tensor("mask", mask, shape=(self.batch_size,), device=self.device)
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask: expected dtype torch.bool, got {mask.dtype}")
+        keep = (~mask).to(self.tilde_k.dtype)
+        return AGaLiTeState(
+            self.tilde_k * keep.view(1, -1, 1, 1, 1),
+            self.tilde_v * keep.view(1, -1, 1, 1, 1),
+            self.s * keep.view(1, -1, 1, 1),
+            self.tick.clone(),
+        )
+
+    def select(self, index: torch.Tensor | slice | Sequence[int] | int) -> AGaLiTeState:
+        """The state of the environments ``index`` picks (a tensor of indices, a bool mask, a slice...)."""
+        if isinstance(index, int):
+            index = slice(index, index + 1) if index != -1 else slice(index, None)
+        return AGaLiTeState(
+            self.tilde_k[:, index], self.tilde_v[:, index], self.s[:, index], self.tick[index]
+        )
+
+    def detach(self) -> AGaLiTeState:
+        return AGaLiTeState(*(t.detach() for t in self))
+
+    def clone(self) -> AGaLiTeState:
+        return AGaLiTeState(*(t.clone() for t in self))
+
+    def to(self, device: torch.device | str) -> AGaLiTeState:
+        return AGaLiTeState(*(t.to(device) for t in self))
+
+    @staticmethod
+    def cat(states: Sequence[AGaLiTeState]) -> AGaLiTeState:
+        """Concatenate states along the batch."""
+        if len(states) == 0:
+            raise ValueError("states: expected at least one AGaLiTeState, got an empty sequence")
+        return AGaLiTeState(
+            torch.cat([st.tilde_k for st in states], dim=1),
+            torch.cat([st.tilde_v for st in states], dim=1),
+            torch.cat([st.s for st in states], dim=1),
+            torch.cat([st.tick for st in states], dim=0),
+        )
+
+    def nbytes_per_env(self) -> int:
+        """Bytes one environment's state occupies (memories and tick)."""
+        memories = sum(t.element_size() * math.prod(t.shape[:1] + t.shape[2:]) for t in self.memories())
+        return memories + self.tick.element_size()
