@@ -1,0 +1,382 @@
+"""Recurrent PPO on the cue-recall T-maze: AGaLiTe vs LSTM vs a memoryless MLP.
+
+CleanRL-style single file: vectorised envs, GAE, clipped objective, and minibatches of whole
+(env, segment) rows replayed from the recurrent state each env had at the segment's start
+(:class:`agalite_triton.rl.SegmentStates`), with episode ends inside a segment masked during the
+update exactly as during the rollout. The state is carried across rollouts, never rebuilt.
+
+    python examples/ppo_memory.py --core agalite --corridor 20 --seed 1
+
+writes ``metrics.csv``, ``metrics.json`` and ``curve.png`` under ``examples/runs/<run name>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.distributions import Categorical
+
+from agalite_triton.envs import TMazeVecEnv
+from agalite_triton.rl import SegmentStates
+
+CORES = ("agalite", "lstm", "none")
+
+
+@dataclasses.dataclass
+class PPOConfig:
+    core: str = "agalite"
+    corridor: int = 20
+    num_distractors: int = 0
+    seed: int = 1
+    total_timesteps: int = 100_000
+    num_envs: int = 32
+    num_steps: int = 128
+    segment_len: int = 128
+    learning_rate: float = 1e-3
+    anneal_lr: bool = True
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    num_minibatches: int = 4
+    update_epochs: int = 4
+    clip_coef: float = 0.2
+    ent_coef: float = 0.01
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    hidden: int = 64
+    n_layers: int = 1
+    n_heads: int = 4
+    d_head: int = 16
+    d_ffc: int = 64
+    eta: int = 4
+    r: int = 2
+    backend: str | None = None
+    threads: int = 1
+    target_return: float = 0.9
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_envs * self.num_steps
+
+    @property
+    def num_iterations(self) -> int:
+        return self.total_timesteps // self.batch_size
+
+
+def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias: float = 0.0) -> nn.Linear:
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias)
+    return layer
+
+
+class AGaLiTeCore(nn.Module):
+    """The AGaLiTe stack itself; its state is an ``AGaLiTeState``."""
+
+    def __init__(self, obs_dim: int, cfg: PPOConfig) -> None:
+        super().__init__()
+        from agalite_triton import AGaLiTe
+
+        self.net = AGaLiTe(
+            obs_dim, d_model=cfg.hidden, n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_head=cfg.d_head,
+            d_ffc=cfg.d_ffc, eta=cfg.eta, r=cfg.r, backend=cfg.backend, batch_first=True,
+        )
+        self.out_dim = cfg.hidden
+
+    def initial_state(self, n: int) -> Any:
+        return self.net.initial_state(n)
+
+    def forward(self, x: torch.Tensor, state: Any, dones: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        return self.net(x, state, dones)
+
+
+class LSTMCore(nn.Module):
+    """Encoder + ``nn.LSTM``; CleanRL's done-masking (state times 1 - done before each step).
+
+    The state is ``(h, c)`` stacked batch-first as one tensor (B, 2 * layers, hidden), so the same
+    :class:`SegmentStates` stores it.
+    """
+
+    def __init__(self, obs_dim: int, cfg: PPOConfig) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(layer_init(nn.Linear(obs_dim, cfg.hidden)), nn.ReLU())
+        self.lstm = nn.LSTM(cfg.hidden, cfg.hidden, num_layers=cfg.n_layers, batch_first=True)
+        for name, param in self.lstm.named_parameters():
+            if "bias" in name:
+                nn.init.constant_(param, 0)
+            elif "weight" in name:
+                nn.init.orthogonal_(param, 1.0)
+        self.layers = cfg.n_layers
+        self.out_dim = cfg.hidden
+
+    def initial_state(self, n: int) -> torch.Tensor:
+        return torch.zeros(n, 2 * self.layers, self.out_dim)
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor, dones: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        single = x.dim() == 2
+        if single:
+            x, dones = x.unsqueeze(1), dones.unsqueeze(1)
+        z = self.encoder(x)
+        h = state[:, : self.layers].transpose(0, 1).contiguous()
+        c = state[:, self.layers :].transpose(0, 1).contiguous()
+        outs = []
+        for t in range(z.shape[1]):
+            keep = (1.0 - dones[:, t].float()).view(1, -1, 1)
+            out, (h, c) = self.lstm(z[:, t : t + 1], (h * keep, c * keep))
+            outs.append(out)
+        y = torch.cat(outs, dim=1)
+        return (y[:, 0] if single else y), torch.cat([h, c], dim=0).transpose(0, 1)
+
+
+class MLPCore(nn.Module):
+    """Memoryless control; carries an empty (B, 0) state so the training loop is the same."""
+
+    def __init__(self, obs_dim: int, cfg: PPOConfig) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, cfg.hidden)), nn.Tanh(),
+            layer_init(nn.Linear(cfg.hidden, cfg.hidden)), nn.Tanh(),
+        )
+        self.out_dim = cfg.hidden
+
+    def initial_state(self, n: int) -> torch.Tensor:
+        return torch.zeros(n, 0)
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor, dones: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        return self.net(x), state
+
+
+class Agent(nn.Module):
+    def __init__(self, obs_dim: int, n_actions: int, cfg: PPOConfig) -> None:
+        super().__init__()
+        core_cls = {"agalite": AGaLiTeCore, "lstm": LSTMCore, "none": MLPCore}[cfg.core]
+        self.core = core_cls(obs_dim, cfg)
+        self.actor = layer_init(nn.Linear(self.core.out_dim, n_actions), std=0.01)
+        self.critic = layer_init(nn.Linear(self.core.out_dim, 1), std=1.0)
+
+    def initial_state(self, n: int) -> Any:
+        return self.core.initial_state(n)
+
+    def forward(self, x: torch.Tensor, state: Any, dones: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """x (B, obs) with dones (B,), or x (B, T, obs) with dones (B, T): logits, values, new state."""
+        y, state = self.core(x, state, dones)
+        return self.actor(y), self.critic(y).squeeze(-1), state
+
+
+def compute_gae(
+    rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, next_value: torch.Tensor,
+    next_done: torch.Tensor, gamma: float, lam: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CleanRL's GAE on (T, N) tensors; dones[t] = observation t starts an episode."""
+    steps = rewards.shape[0]
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(next_value)
+    for t in reversed(range(steps)):
+        if t == steps - 1:
+            nonterminal, next_values = 1.0 - next_done, next_value
+        else:
+            nonterminal, next_values = 1.0 - dones[t + 1], values[t + 1]
+        delta = rewards[t] + gamma * next_values * nonterminal - values[t]
+        last = delta + gamma * lam * nonterminal * last
+        advantages[t] = last
+    return advantages, advantages + values
+
+
+def train(cfg: PPOConfig, run_dir: Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train and return the config, the curve (one point per iteration) and the timing."""
+    if cfg.core not in CORES:
+        raise ValueError(f"core: expected one of {CORES}, got {cfg.core!r}")
+    if cfg.num_iterations < 1:
+        raise ValueError(f"total_timesteps: expected >= num_envs * num_steps = {cfg.batch_size}")
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    shuffle_gen = torch.Generator().manual_seed(cfg.seed)
+
+    envs = TMazeVecEnv(cfg.num_envs, corridor_len=cfg.corridor, num_distractors=cfg.num_distractors, seed=cfg.seed)
+    obs_dim = envs.single_observation_space.shape[0]
+    agent = Agent(obs_dim, int(envs.single_action_space.n), cfg)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=cfg.learning_rate, eps=1e-5)
+    segs = SegmentStates(cfg.num_envs, cfg.num_steps, cfg.segment_len)
+
+    T, N = cfg.num_steps, cfg.num_envs
+    obs = torch.zeros(T, N, obs_dim)
+    actions = torch.zeros(T, N, dtype=torch.long)
+    logprobs = torch.zeros(T, N)
+    rewards = torch.zeros(T, N)
+    dones = torch.zeros(T, N)
+    values = torch.zeros(T, N)
+
+    next_obs = torch.from_numpy(envs.reset(seed=cfg.seed)[0])
+    next_done = torch.zeros(N)
+    state = agent.initial_state(N)
+    curve: list[dict[str, float]] = []
+    global_step = 0
+    solved_at: int | None = None
+    start = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.num_iterations * cfg.batch_size, unit="step", desc=f"{cfg.core} seed {cfg.seed}")
+
+    for iteration in range(cfg.num_iterations):
+        if cfg.anneal_lr:
+            optimizer.param_groups[0]["lr"] = cfg.learning_rate * (1.0 - iteration / cfg.num_iterations)
+        ep_returns: list[float] = []
+        ep_success: list[float] = []
+        agent.eval()
+        for step in range(T):
+            segs.record(step, state)
+            obs[step], dones[step] = next_obs, next_done
+            with torch.no_grad():
+                logits, value, state = agent(next_obs, state, next_done)
+            dist = Categorical(logits=logits)
+            action = dist.sample()
+            actions[step], logprobs[step], values[step] = action, dist.log_prob(action), value
+            o, r, term, trunc, info = envs.step(action.numpy())
+            rewards[step] = torch.from_numpy(r)
+            next_obs = torch.from_numpy(o)
+            next_done = torch.from_numpy(term | trunc).float()
+            if "_episode_return" in info:
+                mask = info["_episode_return"]
+                ep_returns.extend(info["episode_return"][mask].tolist())
+                ep_success.extend(info["success"][mask].astype(float).tolist())
+        global_step += T * N
+        rollout_time = time.perf_counter()
+
+        with torch.no_grad():
+            _, next_value, _ = agent(next_obs, state, next_done)
+        advantages, returns = compute_gae(rewards, values, dones, next_value, next_done, cfg.gamma, cfg.gae_lambda)
+
+        agent.train()
+        clipfracs = []
+        for _ in range(cfg.update_epochs):
+            for env_idx, seg_idx in segs.minibatches(cfg.num_minibatches, shuffle_gen):
+                rows = lambda x: segs.rows(x, env_idx, seg_idx)  # noqa: B023 - used inside this loop only
+                logits, new_value, _ = agent(rows(obs), segs.initial_states(env_idx, seg_idx), rows(dones))
+                dist = Categorical(logits=logits)
+                new_logprob = dist.log_prob(rows(actions))
+                log_ratio = new_logprob - rows(logprobs)
+                ratio = log_ratio.exp()
+                with torch.no_grad():
+                    clipfracs.append(((ratio - 1.0).abs() > cfg.clip_coef).float().mean().item())
+                adv = rows(advantages)
+                adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+                pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.clip_coef, 1 + cfg.clip_coef)).mean()
+                v_loss = 0.5 * ((new_value - rows(returns)) ** 2).mean()
+                entropy = dist.entropy().mean()
+                loss = pg_loss - cfg.ent_coef * entropy + cfg.vf_coef * v_loss
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+
+        now = time.perf_counter()
+        mean_return = float(np.mean(ep_returns)) if ep_returns else float("nan")
+        if solved_at is None and ep_returns and mean_return >= cfg.target_return:
+            solved_at = global_step
+        point = {
+            "iteration": iteration + 1,
+            "global_step": global_step,
+            "mean_return": mean_return,
+            "success_rate": float(np.mean(ep_success)) if ep_success else float("nan"),
+            "episodes": len(ep_returns),
+            "sps": global_step / (now - start),
+            "wall_s": now - start,
+            "update_s": now - rollout_time,
+            "pg_loss": pg_loss.item(),
+            "v_loss": v_loss.item(),
+            "entropy": entropy.item(),
+            "clipfrac": float(np.mean(clipfracs)),
+        }
+        curve.append(point)
+        if bar is not None:
+            bar.update(T * N)
+            bar.set_postfix(ret=f"{mean_return:.2f}", sps=f"{point['sps']:.0f}")
+    if bar is not None:
+        bar.close()
+
+    result = {
+        "config": dataclasses.asdict(cfg),
+        "curve": curve,
+        "final_return": curve[-1]["mean_return"],
+        "steps_to_target": solved_at,
+        "wall_s": time.perf_counter() - start,
+        "sps": global_step / (time.perf_counter() - start),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    if run_dir is not None:
+        write_run(run_dir, result)
+    return result
+
+
+def write_run(run_dir: Path, result: dict[str, Any]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.json").write_text(json.dumps(result, indent=1))
+    with open(run_dir / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(result["curve"][0]))
+        writer.writeheader()
+        writer.writerows(result["curve"])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = result["config"]
+    steps = [p["global_step"] for p in result["curve"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, [p["mean_return"] for p in result["curve"]], marker=".")
+    ax.axhline(cfg["target_return"], color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel("mean episode return (per rollout)")
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_title(f"T-maze corridor {cfg['corridor']}: {cfg['core']}, seed {cfg['seed']}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run_dir / "curve.png", dpi=100)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[PPOConfig, Path]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for field in dataclasses.fields(PPOConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+        elif field.name == "core":
+            parser.add_argument(flag, choices=CORES, default=field.default)
+        elif field.name == "backend":
+            parser.add_argument(flag, choices=("auto", "reference", "triton"), default=None)
+        else:
+            kind = {"int": int, "float": float}[field.type]
+            parser.add_argument(flag, type=kind, default=field.default)
+    parser.add_argument("--run-dir", type=Path, default=None, help="default: examples/runs/<core>_L<corridor>_s<seed>")
+    args = vars(parser.parse_args(argv))
+    run_dir = args.pop("run_dir")
+    cfg = PPOConfig(**args)
+    if run_dir is None:
+        run_dir = Path(__file__).parent / "runs" / f"{cfg.core}_L{cfg.corridor}_s{cfg.seed}"
+    return cfg, run_dir
+
+
+def main() -> None:
+    cfg, run_dir = parse_args()
+    result = train(cfg, run_dir)
+    print(
+        f"core={cfg.core} corridor={cfg.corridor} seed={cfg.seed}: final mean return {result['final_return']:.3f}, "
+        f"reached {cfg.target_return} at {result['steps_to_target']} steps, "
+        f"wall {result['wall_s']:.1f}s, {result['sps']:.0f} SPS -> {run_dir}"
+    )
+
+
+if __name__ == "__main__":
+    main()
