@@ -56,10 +56,15 @@ class AGaLiTeLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(
-        self, x: torch.Tensor, dones: torch.Tensor | None, memory: Memory, tick: torch.Tensor
+        self,
+        x: torch.Tensor,
+        dones: torch.Tensor | None,
+        memory: Memory,
+        tick: torch.Tensor,
+        memory_out: Memory | None = None,
     ) -> tuple[torch.Tensor, Memory]:
         x_enc = F.relu(self.emb(x)) if self.emb is not None else x
-        attn, new_memory = self.attn(self.ln1(x_enc), dones, memory, tick)
+        attn, new_memory = self.attn(self.ln1(x_enc), dones, memory, tick, memory_out)
         y1 = self.gate1(x_enc, F.relu(self.dropout(attn)))
         ffc = self.ffn_out(F.relu(self.ffn_in(self.ln2(y1))))
         return self.gate2(y1, F.relu(self.dropout(ffc))), new_memory

@@ -200,13 +200,17 @@ class AGaLiTe(nn.Module):
             self.check_state(state, batch, device)
 
         h = x
-        new_memories = []
-        for i, layer in enumerate(self.layers):
-            h, memory = layer(h, dones, state.layer(i), state.tick)
-            new_memories.append(memory)
-        new_state = AGaLiTeState(
-            *(torch.stack(parts) for parts in zip(*new_memories)), state.tick + steps
-        )
+        if torch.is_grad_enabled():
+            new_memories = []
+            for i, layer in enumerate(self.layers):
+                h, memory = layer(h, dones, state.layer(i), state.tick)
+                new_memories.append(memory)
+            new_state = AGaLiTeState(*(torch.stack(parts) for parts in zip(*new_memories)), state.tick + steps)
+        else:
+            # Inference: every layer writes its new memory straight into its slot, with no stacking copy.
+            new_state = AGaLiTeState(*(torch.empty_like(t) for t in state.memories()), state.tick + steps)
+            for i, layer in enumerate(self.layers):
+                h, _ = layer(h, dones, state.layer(i), state.tick, new_state.layer(i))
         if single:
             return h.squeeze(1), new_state
         return (h if self.batch_first else h.transpose(0, 1)), new_state

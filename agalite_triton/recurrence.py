@@ -45,6 +45,7 @@ def agalite_recurrence(
     *,
     eps: float = 1e-5,
     backend: str | None = None,
+    final_out: State | None = None,
 ) -> tuple[torch.Tensor, State]:
     """Run one attention layer's recurrence over T steps.
 
@@ -59,6 +60,9 @@ def agalite_recurrence(
             it by T; dones do not reset it.
         eps: added to ``2 R <s, Q>`` after the factor 2R, as the original.
         backend: ``None`` (``AGALITE_BACKEND``, default ``auto``), ``auto``, ``reference`` or ``triton``.
+        final_out: optional ``(tilde_k, tilde_v, s)`` buffers, shaped like the state, that receive the
+            final state (and are returned), for inference without autograd: a rollout then writes each
+            layer's new state straight into its slot of the stacked state. They must not alias the inputs.
 
     Returns:
         out (B, T, H, D) in the input dtype, and the final state ``(tilde_k, tilde_v, s)`` in float32.
@@ -83,17 +87,34 @@ def agalite_recurrence(
     check_tensor("tilde_v", tilde_v, shape=(batch, r, heads, dim), dtype=sdt, device=device)
     check_tensor("s", s, shape=(batch, heads, eta * dim), dtype=sdt, device=device)
     check_tensor("tick", tick, shape=(batch,), dtype=torch.int64, device=device)
+    if final_out is not None:
+        if torch.is_grad_enabled():
+            raise RuntimeError("final_out: only for inference; call under torch.no_grad() or torch.inference_mode()")
+        if not isinstance(final_out, tuple) or len(final_out) != 3:
+            raise TypeError(f"final_out: expected a tuple (tilde_k, tilde_v, s), got {type(final_out).__name__}")
+        for name, buf, like in zip(("tilde_k", "tilde_v", "s"), final_out, (tilde_k, tilde_v, s)):
+            check_tensor(f"final_out.{name}", buf, shape=tuple(like.shape), dtype=sdt, device=device)
 
     chosen = resolve_backend(backend, device)
     if steps == 0:
         # Nothing to scan: an empty read-out and the incoming state, copied so callers may mutate it.
+        if final_out is not None:
+            for dst, src in zip(final_out, (tilde_k, tilde_v, s)):
+                dst.copy_(src)
+            return keys.new_empty(batch, 0, heads, dim), final_out
         return keys.new_empty(batch, 0, heads, dim), (tilde_k.clone(), tilde_v.clone(), s.clone())
     if chosen == "triton":
         from .kernels import triton_recurrence
 
-        return triton_recurrence(
+        out, final = triton_recurrence(
             keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick, eps=eps
         )
+        if final_out is not None:
+            for dst, src in zip(final_out, final):
+                dst.copy_(src)
+            final = final_out
+        return out, final
     return reference_recurrence(
-        keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick, eps=eps
-    )
+        keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick,
+        eps=eps, final_out=final_out,
+    )  # fmt: skip

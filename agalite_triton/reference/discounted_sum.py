@@ -22,9 +22,9 @@ def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 class _DiscountedSum(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, a: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor, h0: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         steps = x.shape[1]
-        states = torch.empty_like(x, memory_format=torch.contiguous_format)
+        states = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
         prev = h0
         for t in range(steps):
             prev = torch.addcmul(x[:, t], a[:, t], prev, out=states[:, t])
@@ -45,17 +45,25 @@ class _DiscountedSum(torch.autograd.Function):
         grad_x = acc
         grad_a = grad_h0 = None
         if ctx.needs_input_grad[1]:
-            prev = torch.cat([h0.unsqueeze(1), states[:, :-1]], dim=1)
-            grad_a = _reduce_to(acc * prev, a.shape)
+            # d a_t = g~_t * h_{t-1}, written in two pieces rather than concatenating h0 with the states.
+            prod = torch.empty_like(acc)
+            torch.mul(acc[:, 1:], states[:, :-1], out=prod[:, 1:])
+            torch.mul(acc[:, 0], h0, out=prod[:, 0])
+            grad_a = _reduce_to(prod, a.shape)
         if ctx.needs_input_grad[2]:
             grad_h0 = _reduce_to(a[:, 0] * acc[:, 0], h0.shape)
-        return grad_x, grad_a, grad_h0
+        return grad_x, grad_a, grad_h0, None
 
 
-def discounted_sum(x: torch.Tensor, a: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+def discounted_sum(
+    x: torch.Tensor, a: torch.Tensor, h0: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """All states of ``h_t = a_t * h_{t-1} + x_t`` for t = 0..T-1.
 
     x: (B, T, *S); a: (B, T, *S') broadcastable to x; h0: (B, *S). Returns (B, T, *S), the state after
-    every step (the final state is ``[:, -1]``). All three must share one floating dtype.
+    every step (the final state is ``[:, -1]``). All three must share one floating dtype. ``out``, a
+    (B, T, *S) buffer to write the states into, is for inference only (no autograd through it).
     """
-    return _DiscountedSum.apply(x, a, h0)
+    if out is not None and torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or h0.requires_grad):
+        raise RuntimeError("out: a preallocated output cannot be used while gradients are recorded")
+    return _DiscountedSum.apply(x, a, h0, out)

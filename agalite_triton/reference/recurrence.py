@@ -2,8 +2,8 @@
 
 It follows the original's maths step for step (feature maps, decays, oscillators, read-out) in
 float32, with two deliberate changes that keep it fast on CPU and exact at long horizons:
-``tilde_k`` and ``s`` share the decay ``(1 - gamma) * keep``, so they run as one scan of R + 1 slices
-(``s`` is the slice with coefficient 1); and the oscillator phase comes from the integer tick.
+the discounted sums run as a time loop of fused ``addcmul`` with a hand-written backward (see
+``discounted_sum``), and the oscillator phase comes from the integer tick.
 Shapes are documented at :func:`agalite_triton.recurrence.agalite_recurrence`.
 """
 
@@ -18,6 +18,19 @@ from .discounted_sum import discounted_sum
 __all__ = ["feature_maps", "reference_recurrence"]
 
 
+def _col(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(-1)
+
+
+def _row(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(-2)
+
+
+def _outer(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(..., eta) x (..., D) -> (..., eta*D), eta-major."""
+    return (_col(p) * _row(x)).flatten(-2)
+
+
 def feature_maps(
     keys: torch.Tensor,
     queries: torch.Tensor,
@@ -28,12 +41,9 @@ def feature_maps(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eta-major outer-product features ``(..., H, eta*D)``: index ``n*D + i`` holds ``f(p[n]) g(x[i])``."""
 
-    def outer(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return (p.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)
-
-    k_feat = outer(F.relu(p1), F.relu(keys))
-    q_feat = outer(F.relu(p2), F.relu(queries))
-    g_feat = outer(torch.sigmoid(p3), torch.sigmoid(gamma))
+    k_feat = _outer(F.relu(p1), F.relu(keys))
+    q_feat = _outer(F.relu(p2), F.relu(queries))
+    g_feat = _outer(torch.sigmoid(p3), torch.sigmoid(gamma))
     return k_feat, q_feat, g_feat
 
 
@@ -52,6 +62,7 @@ def reference_recurrence(
     s: torch.Tensor,
     tick: torch.Tensor,
     eps: float = 1e-5,
+    final_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Reference AGaLiTe recurrence; arguments validated by the caller (see ``agalite_recurrence``)."""
     out_dtype = keys.dtype
@@ -63,34 +74,48 @@ def reference_recurrence(
     batch, steps = keys.shape[:2]
     r = tilde_k.shape[1]
 
-    k_feat, q_feat, g_feat = feature_maps(keys, queries, gamma, p1, p2, p3)  # (B,T,H,E)
+    # Every (H, E) feature is an outer product eta x D of small factors; multiplying the factors first
+    # and expanding once saves three full passes over (B, T, H, E) per call (the products associate
+    # differently from the original's, a rounding-level difference).
+    sig_p3, sig_g = torch.sigmoid(p3), torch.sigmoid(gamma)
+    key_a, key_b = sig_p3 * F.relu(p1), sig_g * F.relu(keys)  # gamma-hat * K = (key_a (x) key_b)
+    q_feat = _outer(F.relu(p2), F.relu(queries))  # (B,T,H,E)
+    if dones is None:
+        decay_k = torch.addcmul(torch.ones((), dtype=compute, device=keys.device), _col(sig_p3), _row(sig_g), value=-1)
+    else:
+        keep = (1 - dones.to(compute)).view(batch, steps, 1, 1, 1)
+        decay_k = torch.addcmul(keep, keep * _col(sig_p3), _row(sig_g), value=-1)  # keep * (1 - gamma-hat)
+    decay_k = decay_k.flatten(-2)  # (B,T,H,E)
     b_gate = torch.sigmoid(beta)  # (B,T,H,D)
-    decay_k = 1 - g_feat
     decay_v = 1 - b_gate
     if dones is not None:
-        keep = (1 - dones.to(compute)).view(batch, steps, 1, 1)
-        decay_k = decay_k * keep
-        decay_v = decay_v * keep
-    k_in = g_feat * k_feat
+        decay_v = decay_v * keep.view(batch, steps, 1, 1)
+    k_in = _outer(key_a, key_b)  # (B,T,H,E)
     v_in = b_gate * values
 
+    # With one step and a destination for the final state, the scans write straight into it: the
+    # rollout hot path then never copies the state.
+    direct = final_out is not None and steps == 1 and compute == torch.float32
+    buf_k, buf_v, buf_s = (t.unsqueeze(1) for t in final_out) if direct else (None, None, None)
     osc = oscillator_coefficients(tick, steps, r).to(compute)  # (B,T,R)
-    osc_s = torch.cat([osc, osc.new_ones(batch, steps, 1)], dim=-1)  # slice R is s: no oscillator
-    k_states = discounted_sum(
-        osc_s[..., None, None] * k_in.unsqueeze(2),
-        decay_k.unsqueeze(2),
-        torch.cat([tilde_k, s.unsqueeze(1)], dim=1),
-    )  # (B,T,R+1,H,E)
-    v_states = discounted_sum(
-        osc[..., None, None] * v_in.unsqueeze(2), decay_v.unsqueeze(2), tilde_v
-    )  # (B,T,R,H,D)
+    x_k = _outer(osc[..., None, None] * key_a.unsqueeze(2), key_b.unsqueeze(2))  # (B,T,R,H,E)
+    k_states = discounted_sum(x_k, decay_k.unsqueeze(2), tilde_k, buf_k)
+    s_states = discounted_sum(k_in, decay_k, s, buf_s)  # (B,T,H,E)
+    v_states = discounted_sum(osc[..., None, None] * v_in.unsqueeze(2), decay_v.unsqueeze(2), tilde_v, buf_v)
 
-    scores = torch.einsum("btjhe,bthe->btjh", k_states, q_feat)  # <tilde_k_j, Q> and <s, Q>
-    kv = torch.einsum("btjhd,btjh->bthd", v_states, scores[:, :, :r])
-    norm = scores[:, :, r].unsqueeze(-1)
+    # Products and sums rather than einsum: einsum would permute every state into a bmm layout first.
+    scores = (k_states * q_feat.unsqueeze(2)).sum(-1)  # <tilde_k_j, Q>: (B,T,R,H)
+    norm = (s_states * q_feat).sum(-1, keepdim=True)  # <s, Q>: (B,T,H,1)
+    kv = (v_states * scores.unsqueeze(-1)).sum(2)  # (B,T,H,D)
     out = kv / (2 * r * norm + eps)
 
-    # Copies, so that a returned state never pins the (B, T, ...) buffer of every step.
-    last_k = k_states[:, -1]
-    final = (last_k[:, :r].contiguous(), v_states[:, -1].contiguous(), last_k[:, r].contiguous())
+    last = (k_states[:, -1], v_states[:, -1], s_states[:, -1])
+    if final_out is not None:
+        if not direct:
+            for dst, src in zip(final_out, last):
+                dst.copy_(src)
+        final = final_out
+    else:
+        # Copies (free when T == 1), so that a returned state never pins the buffer of every step.
+        final = tuple(t.contiguous() for t in last)
     return out.to(out_dtype), final
