@@ -1,15 +1,22 @@
 """Triton kernels for the AGaLiTe recurrence.
 
 ``AVAILABLE`` says whether they can run in this process; ``WHY`` says why not when they cannot.
+``triton_recurrence`` is the kernel backend of :func:`agalite_triton.agalite_recurrence` (forward,
+backward and a one-step path); ``agalite_step_`` is the in-place one-step API for rollouts.
 """
 
 from __future__ import annotations
 
 try:
     import triton  # noqa: F401
-
-    AVAILABLE = False
-    WHY = "the kernels are not built yet"
 except ImportError as exc:  # pragma: no cover - exercised only where triton is absent
     AVAILABLE = False
     WHY = f"triton is not importable ({exc})"
+else:
+    from .recurrence_op import triton_recurrence
+    from .step import agalite_step_
+
+    AVAILABLE = True
+    WHY = ""
+
+__all__ = ["AVAILABLE", "WHY", "agalite_step_", "triton_recurrence"]

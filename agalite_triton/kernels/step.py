@@ -1,0 +1,212 @@
+"""One-step kernel for rollouts (T = 1), in place or out of place, and its public functional API.
+
+Built for an acting loop captured in a CUDA graph: the done-reset is applied in-kernel, the tick
+residue is computed on the device, nothing reads a value back to the host, and the launch config is
+fixed (no autotuner, which would re-run the kernel on live state). The oscillator table is created
+on the first call and cached, so run one step before capturing (Triton compiles on that call anyway).
+
+In place, each program reads its (b, h) state into registers, computes the read-out from the
+unrounded updated state, and only then writes the state back.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._validation import FLOAT_DTYPES, check_dones, check_tensor
+from .forward import load_state, store_state
+from .launch import acc_dtype, dims_of, new_output, same_strides, table_for, tick_residue_of
+from .step_math import advance, key_features, load_vec, oscillators, query_features, readout, sigmoid
+
+__all__ = ["agalite_step_", "step_forward"]
+
+
+@triton.jit
+def _step_kernel(
+    k_ptr, q_ptr, v_ptr, beta_ptr, gamma_ptr,  # (B, H, D), shared strides sd_*
+    p1_ptr, p2_ptr, p3_ptr,  # (B, H, eta), shared strides se_*
+    done_ptr,  # (B,) contiguous
+    tk_in, tv_in, s_in, tk_out, tv_out, s_out,  # states; out may equal in (in place)
+    res_ptr, table_ptr, out_ptr,  # (B,) int64 tick mod P, (R, P) table, (B, H, D) contiguous read-out
+    H, D, ETA, R, P, eps,
+    sd_b, sd_h, se_b, se_h,
+    itk_b, itk_r, itk_h, itv_b, itv_r, itv_h, is_b, is_h,
+    otk_b, otk_r, otk_h, otv_b, otv_r, otv_h, os_b, os_h,
+    HAS_DONES: tl.constexpr, R_PAD: tl.constexpr, ETA_PAD: tl.constexpr, D_PAD: tl.constexpr,
+    ACC: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // H
+    h = pid % H
+    offs_d = tl.arange(0, D_PAD)
+    offs_n = tl.arange(0, ETA_PAD)
+    offs_r = tl.arange(0, R_PAD)
+    mask_d = offs_d < D
+    mask_n = offs_n < ETA
+    mask_r = offs_r < R
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+
+    tk, tv, s = load_state(tk_in, tv_in, s_in, b, h, itk_b, itk_r, itk_h, itv_b, itv_r, itv_h, is_b, is_h,
+                           offs_r, offs_n, offs_d, mask_r, mask_nd, D, ACC)  # fmt: skip
+    phase = tl.load(res_ptr + b) + 1
+    phase = tl.where(phase >= P, phase - P, phase)
+    c = oscillators(table_ptr, phase, P, offs_r, mask_r, ACC)
+    off_d = b * sd_b + h * sd_h
+    off_e = b * se_b + h * se_h
+    k = load_vec(k_ptr + off_d, offs_d, mask_d, ACC)
+    q = load_vec(q_ptr + off_d, offs_d, mask_d, ACC)
+    v = load_vec(v_ptr + off_d, offs_d, mask_d, ACC)
+    bgate = sigmoid(load_vec(beta_ptr + off_d, offs_d, mask_d, ACC))
+    gam = load_vec(gamma_ptr + off_d, offs_d, mask_d, ACC)
+    p1 = load_vec(p1_ptr + off_e, offs_n, mask_n, ACC)
+    p2 = load_vec(p2_ptr + off_e, offs_n, mask_n, ACC)
+    p3 = load_vec(p3_ptr + off_e, offs_n, mask_n, ACC)
+    keep = 1.0
+    if HAS_DONES:
+        keep = 1.0 - tl.load(done_ptr + b).to(ACC)
+    key, gate = key_features(k, gam, p1, p3, mask_nd)
+    tk, tv, s = advance(tk, tv, s, key, gate, v, bgate, keep, c)
+    o, _score, _den = readout(tk, tv, s, query_features(q, p2), 2.0 * R, eps)
+    tl.store(out_ptr + (b * H + h) * D + offs_d, o.to(out_ptr.dtype.element_ty), mask=mask_d)
+    # In place, every thread must have read its state before any thread overwrites it.
+    tl.debug_barrier()
+    store_state(tk_out, tv_out, s_out, tk, tv, s, b, h, otk_b, otk_r, otk_h, otv_b, otv_r, otv_h, os_b, os_h,
+                offs_r, offs_n, offs_d, mask_r, mask_nd, D)  # fmt: skip
+
+
+def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def step_forward(
+    keys: torch.Tensor,
+    queries: torch.Tensor,
+    values: torch.Tensor,
+    beta: torch.Tensor,
+    gamma: torch.Tensor,
+    p1: torch.Tensor,
+    p2: torch.Tensor,
+    p3: torch.Tensor,
+    dones: torch.Tensor | None,
+    tilde_k: torch.Tensor,
+    tilde_v: torch.Tensor,
+    s: torch.Tensor,
+    tick: torch.Tensor,
+    eps: float,
+    in_place: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the step kernel on (B, H, D) / (B, H, eta) projections and (B,) dones.
+
+    In place (state tensors need a unit last stride, which ``agalite_step_`` checks) the returned
+    state is the argument state; otherwise fresh contiguous tensors.
+    """
+    batch, heads, dim = keys.shape
+    eta, r = p1.shape[-1], tilde_k.shape[1]
+    dims = dims_of(keys.unsqueeze(1), eta, r)
+    device, sdt = keys.device, tilde_k.dtype
+    keys, queries, values, beta, gamma = same_strides((keys, queries, values, beta, gamma))
+    p1, p2, p3 = same_strides((p1, p2, p3))
+    if in_place:
+        tk_out, tv_out, s_out = tilde_k, tilde_v, s
+    else:
+        tilde_k, tilde_v, s = (x if x.stride(-1) == 1 else x.contiguous() for x in (tilde_k, tilde_v, s))
+        tk_out, tv_out, s_out = (new_output(tuple(x.shape), sdt, device) for x in (tilde_k, tilde_v, s))
+    done_f = dones.to(sdt).contiguous() if dones is not None else keys.new_empty(0, dtype=sdt)
+    out = new_output((batch, heads, dim), keys.dtype, device)
+    _step_kernel[(batch * heads,)](
+        keys, queries, values, beta, gamma, p1, p2, p3, done_f,
+        tilde_k, tilde_v, s, tk_out, tv_out, s_out,
+        tick_residue_of(tick, r), table_for(r, device), out,
+        heads, dim, eta, r, dims.period, eps,
+        keys.stride(0), keys.stride(1), p1.stride(0), p1.stride(1),
+        *_strides3(tilde_k), *_strides3(tilde_v), s.stride(0), s.stride(1),
+        *_strides3(tk_out), *_strides3(tv_out), s_out.stride(0), s_out.stride(1),
+        HAS_DONES=dones is not None, R_PAD=dims.r_pad, ETA_PAD=dims.eta_pad, D_PAD=dims.d_pad,
+        ACC=acc_dtype(keys.dtype), num_warps=dims.num_warps(),
+    )  # fmt: skip
+    return out, tk_out, tv_out, s_out
+
+
+@torch.library.custom_op("agalite_triton::step_", mutates_args=("tilde_k", "tilde_v", "s"))
+def _step_inplace_op(
+    keys: torch.Tensor,
+    queries: torch.Tensor,
+    values: torch.Tensor,
+    beta: torch.Tensor,
+    gamma: torch.Tensor,
+    p1: torch.Tensor,
+    p2: torch.Tensor,
+    p3: torch.Tensor,
+    dones: torch.Tensor | None,
+    tilde_k: torch.Tensor,
+    tilde_v: torch.Tensor,
+    s: torch.Tensor,
+    tick: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    return step_forward(
+        keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick, eps, in_place=True
+    )[0]
+
+
+@_step_inplace_op.register_fake
+def _(keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick, eps):
+    return keys.new_empty(keys.shape)
+
+
+def agalite_step_(
+    keys: torch.Tensor,
+    queries: torch.Tensor,
+    values: torch.Tensor,
+    beta: torch.Tensor,
+    gamma: torch.Tensor,
+    p1: torch.Tensor,
+    p2: torch.Tensor,
+    p3: torch.Tensor,
+    dones: torch.Tensor | None,
+    tilde_k: torch.Tensor,
+    tilde_v: torch.Tensor,
+    s: torch.Tensor,
+    tick: torch.Tensor,
+    *,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """One recurrence step for every environment, updating ``(tilde_k, tilde_v, s)`` in place.
+
+    Args:
+        keys, queries, values, beta, gamma: (B, H, D) raw projections of this step (any outer strides).
+        p1, p2, p3: (B, H, eta) raw projections.
+        dones: (B,) bool or 0/1 floating, or None: environments whose memory is zeroed before this step.
+        tilde_k (B, R, H, E), tilde_v (B, R, H, D), s (B, H, E): float32 state (float64 for float64
+            inputs), updated in place; the last dimension must have unit stride.
+        tick: (B,) int64, the tick before the step (this step uses tick + 1). Not modified: the caller
+            advances it, as for ``agalite_recurrence``.
+
+    Returns:
+        The read-out (B, H, D) in the input dtype. Not differentiable.
+    """
+    check_tensor("keys", keys, shape=("B", "H", "D"), dtype=FLOAT_DTYPES)
+    batch, heads, dim = keys.shape
+    device, dtype = keys.device, keys.dtype
+    for name, t in (("queries", queries), ("values", values), ("beta", beta), ("gamma", gamma)):
+        check_tensor(name, t, shape=(batch, heads, dim), dtype=dtype, device=device)
+    check_tensor("p1", p1, shape=(batch, heads, "eta"), dtype=dtype, device=device)
+    eta = p1.shape[-1]
+    for name, t in (("p2", p2), ("p3", p3)):
+        check_tensor(name, t, shape=(batch, heads, eta), dtype=dtype, device=device)
+    if dones is not None:
+        check_dones("dones", dones, (batch,), device)
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    check_tensor("tilde_k", tilde_k, shape=(batch, "R", heads, eta * dim), dtype=sdt, device=device)
+    r = tilde_k.shape[1]
+    if r < 1:
+        raise ValueError(f"tilde_k: expected R >= 1 approximation terms, got shape {tuple(tilde_k.shape)}")
+    check_tensor("tilde_v", tilde_v, shape=(batch, r, heads, dim), dtype=sdt, device=device)
+    check_tensor("s", s, shape=(batch, heads, eta * dim), dtype=sdt, device=device)
+    check_tensor("tick", tick, shape=(batch,), dtype=torch.int64, device=device)
+    for name, t in (("tilde_k", tilde_k), ("tilde_v", tilde_v), ("s", s)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name}: updated in place, so its last dimension needs stride 1, got {t.stride()}")
+    return _step_inplace_op(keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick, eps)
