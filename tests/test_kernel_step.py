@@ -1,0 +1,164 @@
+"""The one-step kernel: T single steps equal one T-step call, in place and out of place, and the model
+runs on the kernel backend step by step and over sequences."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from agalite_triton import AGaLiTe, agalite_recurrence, kernels
+from agalite_triton.kernels import agalite_step_, launch
+
+from .test_kernels import make_case, rel_err
+
+pytestmark = [
+    pytest.mark.interpret,
+    pytest.mark.skipif(not kernels.AVAILABLE, reason=f"Triton kernels unavailable: {kernels.WHY}"),
+]
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")])]
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
+
+
+def sequence_reference(proj, dones, state, tick):
+    with torch.no_grad():
+        return agalite_recurrence(*proj, dones, *state, tick, backend="reference")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_in_place_steps_equal_one_sequence_call(device):
+    steps = 9
+    proj, dones, state, tick = make_case(3, steps, 2, 5, 3, 7, device=device, dones="mixed", tick=[4, 2**40 + 1, -3])
+    dones[0, 0] = dones[1, steps - 1] = True
+    out_seq, final_seq = sequence_reference(proj, dones, state, tick)
+
+    # The state lives inside a stacked (L, B, ...) buffer, as in AGaLiTeState: only layer 1 may change.
+    stacked = [torch.stack([torch.full_like(x, 7.0), x.clone(), torch.full_like(x, -7.0)]) for x in state]
+    live = [x[1] for x in stacked]
+    outs = []
+    with torch.no_grad():
+        for t in range(steps):
+            step_proj = [p[:, t] for p in proj]
+            outs.append(agalite_step_(*step_proj, dones[:, t], *live, tick + t))
+    out_steps = torch.stack(outs, dim=1)
+    assert rel_err(out_steps, out_seq) <= 1e-5
+    for got, want in zip(live, final_seq):
+        assert rel_err(got, want) <= 1e-5
+    for x in stacked:
+        assert (x[0] == 7.0).all() and (x[2] == -7.0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_t1_calls_equal_one_sequence_call(device):
+    """agalite_recurrence with T = 1 and no grad takes the out-of-place step kernel."""
+    steps = 7
+    proj, dones, state, tick = make_case(2, steps, 2, 6, 4, 3, device=device, dones="consecutive")
+    out_seq, final_seq = sequence_reference(proj, dones, state, tick)
+    cur = [x.clone() for x in state]
+    before = [x.clone() for x in cur]
+    outs = []
+    with torch.no_grad():
+        for t in range(steps):
+            out, new = agalite_recurrence(
+                *[p[:, t : t + 1] for p in proj], dones[:, t : t + 1], *cur, tick + t, backend="triton"
+            )
+            for a, b in zip(cur, before):  # out of place: the argument state is untouched
+                assert torch.equal(a, b)
+            outs.append(out)
+            cur = list(new)
+            before = [x.clone() for x in cur]
+    assert rel_err(torch.cat(outs, dim=1), out_seq) <= 1e-5
+    for got, want in zip(cur, final_seq):
+        assert rel_err(got, want) <= 1e-5
+
+
+def test_step_without_dones_and_zero_state():
+    proj, _, state, tick = make_case(2, 1, 3, 5, 2, 2, dones="none", init="zero")
+    out_ref, final_ref = sequence_reference(proj, None, state, tick)
+    live = [x.clone() for x in state]
+    with torch.no_grad():
+        out = agalite_step_(*[p[:, 0] for p in proj], None, *live, tick)
+    assert out.dtype == proj[0].dtype and out.shape == (2, 3, 5)
+    assert rel_err(out, out_ref[:, 0]) <= 1e-5
+    for got, want in zip(live, final_ref):
+        assert rel_err(got, want) <= 1e-5
+
+
+def test_step_validation_names_the_argument():
+    proj, _, state, tick = make_case(2, 1, 2, 5, 3, 2, dones="none")
+    step_proj = [p[:, 0] for p in proj]
+    with pytest.raises(ValueError, match="values"):
+        agalite_step_(*step_proj[:2], step_proj[2][:, :, :4], *step_proj[3:], None, *state, tick)
+    with pytest.raises(ValueError, match="dones"):
+        agalite_step_(*step_proj, torch.zeros(3, dtype=torch.bool), *state, tick)
+    with pytest.raises(TypeError, match="tick"):
+        agalite_step_(*step_proj, None, *state, tick.float())
+    strided = torch.zeros(state[1].shape + (2,))[..., 0]
+    with pytest.raises(ValueError, match="tilde_v.*stride"):
+        agalite_step_(*step_proj, None, state[0], strided, state[2], tick)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_step_is_cuda_graph_capturable():
+    proj, dones, state, tick = make_case(4, 1, 2, 64, 4, 2, device="cuda", dones="mixed")
+    step_proj = [p[:, 0].contiguous() for p in proj]
+    d = dones[:, 0].clone()
+    live = [x.clone() for x in state]
+    ref_state = [x.clone() for x in state]
+    agalite_step_(*step_proj, d, *[x.clone() for x in state], tick)  # warm-up: compile, cache the table
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = agalite_step_(*step_proj, d, *live, tick)
+    for _ in range(3):
+        graph.replay()
+        want, ref_state = agalite_recurrence(*[p.unsqueeze(1) for p in step_proj], d[:, None], *ref_state, tick,
+                                             backend="reference")  # fmt: skip
+        assert rel_err(out, want[:, 0]) <= 1e-5
+        for got, exp in zip(live, ref_state):
+            assert rel_err(got, exp) <= 1e-5
+
+
+def tiny_model(backend: str, r: int = 3) -> AGaLiTe:
+    torch.manual_seed(0)
+    return AGaLiTe(6, d_model=16, n_layers=2, n_heads=2, d_head=6, d_ffc=20, eta=3, r=r, backend=backend)
+
+
+def test_model_on_kernel_backend_matches_reference():
+    """AGaLiTe(backend='triton'): sequence outputs, final state and parameter gradients match."""
+    ref, ker = tiny_model("reference"), tiny_model("triton")
+    x = torch.randn(2, 9, 6)
+    dones = torch.zeros(2, 9, dtype=torch.bool)
+    dones[1, 4] = True
+    state = ref.initial_state(2)
+    y_ref, s_ref = ref(x, state, dones)
+    y_ker, s_ker = ker(x, state, dones)
+    assert rel_err(y_ker, y_ref) <= 1e-5
+    for a, b in zip(s_ker, s_ref):
+        assert rel_err(a, b) <= 1e-5
+    y_ref.square().sum().backward()
+    y_ker.square().sum().backward()
+    for (name, p_ref), p_ker in zip(ref.named_parameters(), ker.parameters()):
+        assert rel_err(p_ker.grad, p_ref.grad) <= 1e-4, name
+
+
+def test_model_single_steps_on_kernel_backend_match_sequence():
+    ref, ker = tiny_model("reference", r=7), tiny_model("triton", r=7)
+    x = torch.randn(3, 6, 6)
+    dones = torch.zeros(3, 6, dtype=torch.bool)
+    dones[0, 2] = dones[2, 5] = True
+    with torch.no_grad():
+        y_seq, s_seq = ref(x, ref.initial_state(3), dones)
+        state = ker.initial_state(3)
+        ys = []
+        for t in range(6):
+            y, state = ker(x[:, t], state, dones[:, t])
+            ys.append(y)
+    assert rel_err(torch.stack(ys, dim=1), y_seq) <= 1e-5
+    for a, b in zip(state, s_seq):
+        assert rel_err(a, b) <= 1e-5
