@@ -178,6 +178,9 @@ class AGaLiTe(nn.Module):
         param_dtype = self.layers[0].ln1.weight.dtype
         if x.dtype != param_dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"x: expected dtype {param_dtype} (the model's parameters), got {x.dtype}")
+        param_device = self.layers[0].ln1.weight.device
+        if x.device != param_device:
+            raise ValueError(f"x: expected a tensor on {param_device} (the model's parameters), got one on {x.device}")
         device = x.device
         if single:
             x = x.unsqueeze(1)
