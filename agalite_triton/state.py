@@ -53,22 +53,25 @@ class AGaLiTeState(NamedTuple):
         """A new state with the memories of the environments where ``mask`` (B,) is true zeroed.
 
         The tick is kept, as a done inside a sequence keeps it: ``state.reset(m)`` then a call equals the
-        call with ``dones[:, 0] = m``. The state passed in is not modified.
+        call with ``dones[:, 0] = m``. The state passed in is not modified. The memories are written as
+        exact zeros, so a reset also clears a NaN/inf memory (a done inside a call multiplies by 0 as the
+        original does, which leaves NaN in place).
         """
         check_tensor("mask", mask, shape=(self.batch_size,), device=self.device)
         if mask.dtype != torch.bool:
             raise TypeError(f"mask: expected dtype torch.bool, got {mask.dtype}")
-        keep = (~mask).to(self.tilde_k.dtype)
         return AGaLiTeState(
-            self.tilde_k * keep.view(1, -1, 1, 1, 1),
-            self.tilde_v * keep.view(1, -1, 1, 1, 1),
-            self.s * keep.view(1, -1, 1, 1),
+            self.tilde_k.masked_fill(mask.view(1, -1, 1, 1, 1), 0),
+            self.tilde_v.masked_fill(mask.view(1, -1, 1, 1, 1), 0),
+            self.s.masked_fill(mask.view(1, -1, 1, 1), 0),
             self.tick.clone(),
         )
 
     def select(self, index: torch.Tensor | slice | Sequence[int] | int) -> AGaLiTeState:
         """The state of the environments ``index`` picks (a tensor of indices, a bool mask, a slice...)."""
         if isinstance(index, int):
+            if not -self.batch_size <= index < self.batch_size:
+                raise IndexError(f"index: expected an env in [-{self.batch_size}, {self.batch_size}), got {index}")
             index = slice(index, index + 1) if index != -1 else slice(index, None)
         return AGaLiTeState(
             self.tilde_k[:, index], self.tilde_v[:, index], self.s[:, index], self.tick[index]
@@ -88,6 +91,18 @@ class AGaLiTeState(NamedTuple):
         """Concatenate states along the batch."""
         if len(states) == 0:
             raise ValueError("states: expected at least one AGaLiTeState, got an empty sequence")
+        first = states[0]
+        for i, st in enumerate(states):
+            if not isinstance(st, AGaLiTeState):
+                raise TypeError(f"states[{i}]: expected an AGaLiTeState, got {type(st).__name__}")
+            for name, a, b in zip(AGaLiTeState._fields, st, first):
+                dim = 0 if name == "tick" else 1  # the batch dimension
+                per_env_a, per_env_b = a.shape[:dim] + a.shape[dim + 1 :], b.shape[:dim] + b.shape[dim + 1 :]
+                if a.dim() != b.dim() or per_env_a != per_env_b or a.dtype != b.dtype or a.device != b.device:
+                    raise ValueError(
+                        f"states[{i}].{name}: expected {tuple(per_env_b)} per env (batch dim {dim}), {b.dtype} on "
+                        f"{b.device} as states[0]; got shape {tuple(a.shape)}, {a.dtype} on {a.device}"
+                    )
         return AGaLiTeState(
             torch.cat([st.tilde_k for st in states], dim=1),
             torch.cat([st.tilde_v for st in states], dim=1),
