@@ -60,6 +60,7 @@ class PPOConfig:
     eta: int = 4
     r: int = 2
     backend: str | None = None
+    device: str = "cpu"
     threads: int = 1
     target_return: float = 0.9
 
@@ -91,8 +92,8 @@ class AGaLiTeCore(nn.Module):
         )
         self.out_dim = cfg.hidden
 
-    def initial_state(self, n: int) -> Any:
-        return self.net.initial_state(n)
+    def initial_state(self, n: int, device: torch.device) -> Any:
+        return self.net.initial_state(n, device=device)
 
     def forward(self, x: torch.Tensor, state: Any, dones: torch.Tensor) -> tuple[torch.Tensor, Any]:
         return self.net(x, state, dones)
@@ -117,8 +118,8 @@ class LSTMCore(nn.Module):
         self.layers = cfg.n_layers
         self.out_dim = cfg.hidden
 
-    def initial_state(self, n: int) -> torch.Tensor:
-        return torch.zeros(n, 2 * self.layers, self.out_dim)
+    def initial_state(self, n: int, device: torch.device) -> torch.Tensor:
+        return torch.zeros(n, 2 * self.layers, self.out_dim, device=device)
 
     def forward(self, x: torch.Tensor, state: torch.Tensor, dones: torch.Tensor) -> tuple[torch.Tensor, Any]:
         single = x.dim() == 2
@@ -147,8 +148,8 @@ class MLPCore(nn.Module):
         )
         self.out_dim = cfg.hidden
 
-    def initial_state(self, n: int) -> torch.Tensor:
-        return torch.zeros(n, 0)
+    def initial_state(self, n: int, device: torch.device) -> torch.Tensor:
+        return torch.zeros(n, 0, device=device)
 
     def forward(self, x: torch.Tensor, state: torch.Tensor, dones: torch.Tensor) -> tuple[torch.Tensor, Any]:
         return self.net(x), state
@@ -162,8 +163,8 @@ class Agent(nn.Module):
         self.actor = layer_init(nn.Linear(self.core.out_dim, n_actions), std=0.01)
         self.critic = layer_init(nn.Linear(self.core.out_dim, 1), std=1.0)
 
-    def initial_state(self, n: int) -> Any:
-        return self.core.initial_state(n)
+    def initial_state(self, n: int, device: torch.device) -> Any:
+        return self.core.initial_state(n, device)
 
     def forward(self, x: torch.Tensor, state: Any, dones: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """x (B, obs) with dones (B,), or x (B, T, obs) with dones (B, T): logits, values, new state."""
@@ -202,21 +203,22 @@ def train(cfg: PPOConfig, run_dir: Path | None = None, progress: bool = True) ->
 
     envs = TMazeVecEnv(cfg.num_envs, corridor_len=cfg.corridor, num_distractors=cfg.num_distractors, seed=cfg.seed)
     obs_dim = envs.single_observation_space.shape[0]
-    agent = Agent(obs_dim, int(envs.single_action_space.n), cfg)
+    device = torch.device(cfg.device)
+    agent = Agent(obs_dim, int(envs.single_action_space.n), cfg).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=cfg.learning_rate, eps=1e-5)
     segs = SegmentStates(cfg.num_envs, cfg.num_steps, cfg.segment_len)
 
     T, N = cfg.num_steps, cfg.num_envs
-    obs = torch.zeros(T, N, obs_dim)
-    actions = torch.zeros(T, N, dtype=torch.long)
-    logprobs = torch.zeros(T, N)
-    rewards = torch.zeros(T, N)
-    dones = torch.zeros(T, N)
-    values = torch.zeros(T, N)
+    obs = torch.zeros(T, N, obs_dim, device=device)
+    actions = torch.zeros(T, N, dtype=torch.long, device=device)
+    logprobs = torch.zeros(T, N, device=device)
+    rewards = torch.zeros(T, N, device=device)
+    dones = torch.zeros(T, N, device=device)
+    values = torch.zeros(T, N, device=device)
 
-    next_obs = torch.from_numpy(envs.reset(seed=cfg.seed)[0])
-    next_done = torch.zeros(N)
-    state = agent.initial_state(N)
+    next_obs = torch.from_numpy(envs.reset(seed=cfg.seed)[0]).to(device)
+    next_done = torch.zeros(N, device=device)
+    state = agent.initial_state(N, device)
     curve: list[dict[str, float]] = []
     global_step = 0
     solved_at: int | None = None
@@ -241,10 +243,10 @@ def train(cfg: PPOConfig, run_dir: Path | None = None, progress: bool = True) ->
             dist = Categorical(logits=logits)
             action = dist.sample()
             actions[step], logprobs[step], values[step] = action, dist.log_prob(action), value
-            o, r, term, trunc, info = envs.step(action.numpy())
-            rewards[step] = torch.from_numpy(r)
-            next_obs = torch.from_numpy(o)
-            next_done = torch.from_numpy(term | trunc).float()
+            o, r, term, trunc, info = envs.step(action.cpu().numpy())
+            rewards[step] = torch.from_numpy(r).to(device)
+            next_obs = torch.from_numpy(o).to(device)
+            next_done = torch.from_numpy(term | trunc).float().to(device)
             if "_episode_return" in info:
                 mask = info["_episode_return"]
                 ep_returns.extend(info["episode_return"][mask].tolist())
@@ -357,7 +359,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[PPOConfig, Path]:
         elif field.name == "backend":
             parser.add_argument(flag, choices=("auto", "reference", "triton"), default=None)
         else:
-            kind = {"int": int, "float": float}[field.type]
+            kind = {"int": int, "float": float, "str": str}[field.type]
             parser.add_argument(flag, type=kind, default=field.default)
     parser.add_argument("--run-dir", type=Path, default=None, help="default: examples/runs/<core>_L<corridor>_s<seed>")
     args = vars(parser.parse_args(argv))
