@@ -1,0 +1,46 @@
+"""PNG of throughput against batch size, one panel per workload, one line per system."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["plot"]
+
+
+def plot(doc: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .report import TITLES
+
+    workloads = list(dict.fromkeys(r["workload"] for r in doc["results"]))
+    if not workloads:
+        raise ValueError("doc: no results to plot")
+    fig, axes = plt.subplots(1, len(workloads), figsize=(6.5 * len(workloads), 5), squeeze=False)
+    for ax, workload in zip(axes[0], workloads):
+        rows = [r for r in doc["results"] if r["workload"] == workload and r["status"] == "ok"]
+        for dtype in dict.fromkeys(r["dtype"] for r in rows):
+            style = "-" if dtype == "float32" else "--"
+            for label in dict.fromkeys(r["label"] for r in rows):
+                pts = sorted((r["batch"], r["throughput"]) for r in rows if r["label"] == label and r["dtype"] == dtype)
+                if not pts:
+                    continue
+                name = label if len(doc["config"]["dtypes"]) == 1 else f"{label} {dtype}"
+                ax.plot(*zip(*pts), style, marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size B")
+        ax.set_ylabel(rows[0]["unit"] if rows else "")
+        ax.set_title(TITLES.get(workload, workload), fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6)
+    dev = doc["device"]
+    fig.suptitle(f"{dev['name']} ({dev['type']}, {dev['threads']} threads), {doc['created'][:10]}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

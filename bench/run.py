@@ -1,0 +1,259 @@
+"""One benchmark run: gate the backends, time every selected case, and collect the result document
+(the schema is in bench/results/README.md)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from agalite_triton.backend import triton_available
+
+from . import gate
+from .environment import describe_device, versions
+from .memory import peak_bytes
+from .recurrence import RecurrenceShape, recurrence_shapes, recurrence_step
+from .sweep import Sweep
+from .systems import REFERENCE_SYSTEM, SystemSpec, agalite_specs, build, gtrxl_specs, lstm_specs
+from .timing import measure
+from .workloads import inference_step, training_step
+
+__all__ = ["SCHEMA", "Case", "available_backends", "plan", "run_bench"]
+
+SCHEMA = "agalite-bench/1"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Case:
+    """One measurement: a workload, a system (or recurrence shape), a dtype and a batch size."""
+
+    workload: str  # "inference" | "training" | "recurrence_forward" | "recurrence_forward_backward"
+    system: dict[str, Any]  # name, family, mode, backend, label, config, state_bytes_per_env
+    dtype: str
+    batch: int
+    seq_len: int  # steps per call: 1 for inference
+    make: Callable[[], Callable[[], None]]  # builds the callable when the case runs
+
+    @property
+    def unit(self) -> str:
+        return "steps/s" if self.workload == "inference" else "samples/s"
+
+
+def available_backends(device: torch.device) -> list[str]:
+    """The reference always; the Triton kernels on CUDA when they are importable."""
+    if device.type == "cuda" and triton_available():
+        return ["reference", "triton"]
+    return ["reference"]
+
+
+def _system_info(spec: SystemSpec, module: torch.nn.Module) -> dict[str, Any]:
+    return dict(
+        name=spec.name, family=spec.family, mode=spec.mode, backend=spec.backend, label=spec.label,
+        config=dict(spec.config), params=sum(p.numel() for p in module.parameters()),
+        state_bytes_per_env=int(module.state_bytes_per_env),
+    )  # fmt: skip
+
+
+def _shape_info(shape: RecurrenceShape, backend: str) -> dict[str, Any]:
+    H, D, E, R = shape.heads, shape.head_dim, shape.eta * shape.head_dim, shape.r
+    return dict(
+        name=shape.name, family="recurrence", mode=None, backend=backend, label=f"{shape.name} [{backend}]",
+        config=shape.config, params=0, state_bytes_per_env=4 * (R * H * E + R * H * D + H * E) + 8,
+    )  # fmt: skip
+
+
+def plan(sweep: Sweep, device: torch.device, backends: list[str]) -> list[Case]:
+    """Every case of ``sweep`` for the backends that passed the gate, in running order."""
+    cases: list[Case] = []
+    dim, T, p, seed = sweep.input_dim, sweep.seq_len, sweep.done_prob, sweep.seed
+    presets = list(sweep.presets)
+
+    def model_cases(workload: str, specs: Iterable[SystemSpec], batches: tuple[int, ...]) -> None:
+        for spec in specs:
+            if not sweep.keeps(spec.name):
+                continue
+            module = build(spec, dim, torch.device("meta"), seed)  # sizes only; built for real when run
+            info = _system_info(spec, module)
+            for dtype in sweep.dtypes:
+                for b in batches:
+
+                    def make(spec: SystemSpec = spec, b: int = b, dtype: str = dtype) -> Callable[[], None]:
+                        module = build(spec, dim, device, seed)
+                        if workload == "inference":
+                            return inference_step(module, b, dim, device, DTYPES[dtype], p, seed)
+                        return training_step(module, b, T, dim, device, DTYPES[dtype], p, seed)
+
+                    cases.append(Case(workload, info, dtype, b, 1 if workload == "inference" else T, make))
+
+    if "inference" in sweep.workloads:
+        specs = [*agalite_specs(presets, backends), *gtrxl_specs(list(sweep.gtrxl_memories),
+                 ["recompute", "kv_cache"]), *lstm_specs()]  # fmt: skip
+        model_cases("inference", specs, sweep.inference_batches)
+    if "training" in sweep.workloads:
+        specs = [*agalite_specs(presets, backends), *gtrxl_specs(list(sweep.gtrxl_memories), [None]), *lstm_specs()]
+        model_cases("training", specs, sweep.training_batches)
+    if "recurrence" in sweep.workloads:
+        for backward in (False, True):
+            workload = "recurrence_forward_backward" if backward else "recurrence_forward"
+            for shape in recurrence_shapes(presets):
+                if not sweep.keeps(shape.name):
+                    continue
+                for backend in backends:
+                    for dtype in sweep.dtypes:
+                        for b in sweep.recurrence_batches:
+
+                            def make(shape: RecurrenceShape = shape, b: int = b, backend: str = backend,
+                                     dtype: str = dtype, backward: bool = backward) -> Callable[[], None]:  # fmt: skip
+                                return recurrence_step(shape, b, T, backend, device, DTYPES[dtype], backward, p, seed)
+
+                            cases.append(Case(workload, _shape_info(shape, backend), dtype, b, T, make))
+    return cases
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _run_case(case: Case, device: torch.device, budget_s: float) -> dict[str, Any]:
+    record: dict[str, Any] = dict(
+        workload=case.workload, system=case.system["name"], label=case.system["label"],
+        family=case.system["family"], mode=case.system["mode"], backend=case.system["backend"],
+        dtype=case.dtype, batch=case.batch, seq_len=case.seq_len, unit=case.unit, status="ok", error=None,
+        median_s=None, p20_s=None, p80_s=None, reps=None, throughput=None, throughput_p20=None,
+        throughput_p80=None, peak_bytes=None, state_bytes_per_env=case.system["state_bytes_per_env"],
+        ratio=None, ratio_to=None,
+    )  # fmt: skip
+    fn = None
+    try:
+        fn = case.make()
+        timing = measure(fn, device, budget_s)
+        record["peak_bytes"], _ = peak_bytes(fn, device)
+        samples = case.batch * case.seq_len
+        record.update(
+            median_s=timing.median_s, p20_s=timing.p20_s, p80_s=timing.p80_s, reps=timing.reps,
+            throughput=samples / timing.median_s,
+            # The 20th percentile of throughput comes from the 80th percentile of time, and vice versa.
+            throughput_p20=samples / timing.p80_s, throughput_p80=samples / timing.p20_s,
+        )  # fmt: skip
+    except Exception as exc:  # one failing case must not lose a long sweep; it is reported instead
+        record.update(status="oom" if _is_oom(exc) else "error", error=f"{type(exc).__name__}: {exc}")
+    finally:
+        del fn
+        if device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+    return record
+
+
+def _reference_label(record: dict[str, Any], best_backend: str) -> str | None:
+    if record["workload"].startswith("recurrence"):
+        return f"{record['system']} [reference]"
+    return f"{REFERENCE_SYSTEM} [{best_backend}]"
+
+
+def add_ratios(records: list[dict[str, Any]], best_backend: str) -> None:
+    """``ratio``: throughput over that of ``ratio_to`` at the same workload, dtype and batch.
+
+    Models are compared with AGaLiTe at the paper's size on the best gated backend; a recurrence shape
+    with the reference backend at the same shape.
+    """
+    ok = {(r["workload"], r["label"], r["dtype"], r["batch"]): r for r in records if r["status"] == "ok"}
+    for r in records:
+        ref_label = _reference_label(r, best_backend)
+        ref = ok.get((r["workload"], ref_label, r["dtype"], r["batch"]))
+        if r["status"] == "ok" and ref is not None:
+            r["ratio"], r["ratio_to"] = r["throughput"] / ref["throughput"], ref_label
+
+
+def run_bench(
+    sweep: Sweep,
+    device: torch.device,
+    command: str = "python -m bench",
+    note: str = "",
+    progress: bool = True,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Gate, measure and return the result document (not yet written anywhere)."""
+    started = time.perf_counter()
+    if device.type == "cuda":
+        # fp32 means fp32: no TF32 in matmuls or cuDNN (LSTM).
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+    gates: list[gate.GateResult] = []
+    passing: list[str] = []
+    for backend in available_backends(device):
+        checks = [gate.gate_recurrence(backend, device), gate.gate_model(backend, device)]
+        gates += checks
+        if all(c.passed for c in checks):
+            passing.append(backend)
+    gtrxl_gate = gate.gate_gtrxl(device)
+    gates.append(gtrxl_gate)
+    skipped = [
+        dict(label=f"{g.check} [{g.backend}]", reason=f"failed the correctness gate: {g.detail}")
+        for g in gates if not g.passed
+    ]  # fmt: skip
+
+    cases = plan(sweep, device, passing)
+    if not gtrxl_gate.passed:
+        cases = [c for c in cases if c.system["mode"] != "kv_cache"]
+    records = []
+    for record in _iterate(cases, device, sweep.budget_s, progress):
+        records.append(record)
+        if on_record is not None:
+            on_record(record)
+    add_ratios(records, "triton" if "triton" in passing else "reference")
+
+    systems = {c.system["label"]: c.system for c in cases}
+    return dict(
+        schema=SCHEMA,
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        command=command,
+        note=note,
+        device=describe_device(device),
+        versions=versions(),
+        config=sweep.as_dict(),
+        timing_method=_timing_method(device),
+        memory_method=_memory_method(device),
+        backends=passing,
+        gates=[g.as_dict() for g in gates],
+        skipped=skipped,
+        systems=list(systems.values()),
+        results=records,
+        elapsed_s=time.perf_counter() - started,
+    )
+
+
+def _timing_method(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "triton.testing.do_bench (or CUDA events) after warm-up; median, p20, p80"
+    return (f"time.perf_counter per call after warm-up, torch.set_num_threads({torch.get_num_threads()}); "
+            "median, p20, p80")  # fmt: skip
+
+
+def _memory_method(device: torch.device) -> str:
+    from .memory import CPU_METHOD, CUDA_METHOD
+
+    return CUDA_METHOD if device.type == "cuda" else CPU_METHOD
+
+
+def _iterate(cases: list[Case], device: torch.device, budget_s: float, progress: bool) -> Iterable[dict[str, Any]]:
+    if not progress:
+        for case in cases:
+            yield _run_case(case, device, budget_s)
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task("benchmark", total=len(cases))
+        for case in cases:
+            bar.update(task, description=f"{case.workload} {case.system['label']} B={case.batch} {case.dtype}")
+            yield _run_case(case, device, budget_s)
+            bar.advance(task)

@@ -1,0 +1,81 @@
+"""Wall-clock timing: warm-up, then the median (and p20 / p80) of repeated runs.
+
+CPU: ``time.perf_counter`` around each call. CUDA: ``triton.testing.do_bench`` (CUDA events, L2
+flushed between runs) when Triton is importable, else CUDA events around each call.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Timing", "measure"]
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_s: float
+    p20_s: float
+    p80_s: float
+    reps: int | None  # None: do_bench chose (it does not say how many)
+    method: str
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    return statistics.quantiles(sorted_values, n=100, method="inclusive")[round(q * 100) - 1]
+
+
+def _summarise(samples: list[float], method: str) -> Timing:
+    samples = sorted(samples)
+    return Timing(statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8), len(samples), method)
+
+
+def _repeat(call: Callable[[], float], budget_s: float, min_reps: int, max_reps: int) -> list[float]:
+    # Warm-up: at least one call, more while they are cheap (allocator, caches, lazy init).
+    start = time.perf_counter()
+    call()
+    while time.perf_counter() - start < 0.25 * budget_s and time.perf_counter() - start < 0.1:
+        call()
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < min_reps or (len(samples) < max_reps and time.perf_counter() - start < budget_s):
+        samples.append(call())
+    return samples
+
+
+def measure(
+    fn: Callable[[], object], device: torch.device, budget_s: float = 0.5, min_reps: int = 3, max_reps: int = 200
+) -> Timing:
+    """Time ``fn`` on ``device``: about ``budget_s`` seconds of repetitions, at least ``min_reps``."""
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench
+        except ImportError:
+            do_bench = None
+        if do_bench is not None:
+            ms = do_bench(fn, warmup=max(1, int(budget_s * 250)), rep=max(1, int(budget_s * 1000)),
+                          quantiles=[0.5, 0.2, 0.8])  # fmt: skip
+            return Timing(ms[0] / 1e3, ms[1] / 1e3, ms[2] / 1e3, None, "triton.testing.do_bench")
+
+        def call() -> float:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return begin.elapsed_time(end) / 1e3
+
+        return _summarise(_repeat(call, budget_s, min_reps, max_reps), "cuda events")
+
+    def call() -> float:
+        begin = time.perf_counter()
+        fn()
+        return time.perf_counter() - begin
+
+    return _summarise(_repeat(call, budget_s, min_reps, max_reps), "time.perf_counter")
