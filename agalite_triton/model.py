@@ -164,8 +164,17 @@ class AGaLiTe(nn.Module):
 
     # --------------------------------------------------------------------------------------- forward
     def forward(
-        self, x: torch.Tensor, state: AGaLiTeState | None = None, dones: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        state: AGaLiTeState | None = None,
+        dones: torch.Tensor | None = None,
+        *,
+        out: AGaLiTeState | None = None,
     ) -> tuple[torch.Tensor, AGaLiTeState]:
+        """See the class docstring. ``out`` (inference only, under ``torch.no_grad()``): a state of the
+        same sizes that receives the new state and is returned; it may be ``state`` itself, which then
+        steps in place. Rollouts that reuse buffers this way allocate no state memory per step (fresh
+        multi-megabyte buffers cost page faults that can dominate a CPU step)."""
         check_tensor("x", x, dtype=FLOAT_DTYPES)
         single = x.dim() == 2
         if x.dim() not in (2, 3):
@@ -201,6 +210,10 @@ class AGaLiTe(nn.Module):
             state = self.initial_state(batch, device)
         else:
             self.check_state(state, batch, device)
+        if out is not None:
+            if torch.is_grad_enabled():
+                raise RuntimeError("out: only for inference; call under torch.no_grad() or torch.inference_mode()")
+            self.check_state(out, batch, device, name="out")
 
         h = x
         if torch.is_grad_enabled():
@@ -211,9 +224,15 @@ class AGaLiTe(nn.Module):
             new_state = AGaLiTeState(*(torch.stack(parts) for parts in zip(*new_memories)), state.tick + steps)
         else:
             # Inference: every layer writes its new memory straight into its slot, with no stacking copy.
-            new_state = AGaLiTeState(*(torch.empty_like(t) for t in state.memories()), state.tick + steps)
+            if out is None:
+                new_state = AGaLiTeState(*(torch.empty_like(t) for t in state.memories()), state.tick + steps)
+            else:
+                new_state = out
+            tick = state.tick if out is not state else state.tick.clone()
             for i, layer in enumerate(self.layers):
-                h, _ = layer(h, dones, state.layer(i), state.tick, new_state.layer(i))
+                h, _ = layer(h, dones, state.layer(i), tick, new_state.layer(i))
+            if out is not None:
+                torch.add(tick, steps, out=out.tick)
         if single:
             return h.squeeze(1), new_state
         return (h if self.batch_first else h.transpose(0, 1)), new_state

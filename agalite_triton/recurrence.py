@@ -62,7 +62,8 @@ def agalite_recurrence(
         backend: ``None`` (``AGALITE_BACKEND``, default ``auto``), ``auto``, ``reference`` or ``triton``.
         final_out: optional ``(tilde_k, tilde_v, s)`` buffers, shaped like the state, that receive the
             final state (and are returned), for inference without autograd: a rollout then writes each
-            layer's new state straight into its slot of the stacked state. They must not alias the inputs.
+            layer's new state straight into its slot of the stacked state. They may be the input state
+            tensors themselves (an in-place step).
 
     Returns:
         out (B, T, H, D) in the input dtype, and the final state ``(tilde_k, tilde_v, s)`` in float32.

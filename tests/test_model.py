@@ -308,3 +308,35 @@ def test_bad_constructor_arguments() -> None:
         AGaLiTe.from_preset("huge", IN)
     with pytest.raises(ValueError, match="batch_size"):
         small_model().initial_state(-1)
+
+
+@torch.no_grad()
+def test_out_state_buffers_and_in_place_stepping() -> None:
+    model = small_model()
+    B, T = 4, 5
+    x, d = data(B, T, seed=12)
+    st0 = busy_state(model, B)
+    y_ref, st_ref = model(x, st0, d)
+    # Double buffering, then fully in place: the same numbers as out-of-place calls.
+    spare = model.initial_state(B)
+    y_buf, got = model(x, st0, d, out=spare)
+    assert got is spare and torch.equal(y_buf, y_ref)
+    assert all(torch.equal(a, b) for a, b in zip(spare, st_ref))
+    st_ip = st0.clone()
+    ys = []
+    for t in range(T):
+        yt, got = model(x[:, t], st_ip, d[:, t], out=st_ip)
+        assert got is st_ip
+        ys.append(yt)
+    torch.testing.assert_close(torch.stack(ys, 1), y_ref, rtol=1e-5, atol=1e-5)
+    assert_states_close(st_ip, st_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_out_state_is_rejected_with_autograd_or_wrong_sizes() -> None:
+    model = small_model()
+    st = model.initial_state(3)
+    x = torch.randn(3, IN)
+    with pytest.raises(RuntimeError, match="out: only for inference"):
+        model(x, st, out=st)
+    with torch.no_grad(), pytest.raises(ValueError, match="out.tilde_k: expected shape"):
+        model(x, st, out=model.initial_state(2))

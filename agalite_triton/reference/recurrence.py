@@ -80,16 +80,16 @@ def reference_recurrence(
     sig_p3, sig_g = torch.sigmoid(p3), torch.sigmoid(gamma)
     key_a, key_b = sig_p3 * F.relu(p1), sig_g * F.relu(keys)  # gamma-hat * K = (key_a (x) key_b)
     q_feat = _outer(F.relu(p2), F.relu(queries))  # (B,T,H,E)
-    if dones is None:
-        decay_k = torch.addcmul(torch.ones((), dtype=compute, device=keys.device), _col(sig_p3), _row(sig_g), value=-1)
-    else:
-        keep = (1 - dones.to(compute)).view(batch, steps, 1, 1, 1)
-        decay_k = torch.addcmul(keep, keep * _col(sig_p3), _row(sig_g), value=-1)  # keep * (1 - gamma-hat)
-    decay_k = decay_k.flatten(-2)  # (B,T,H,E)
+    # keep * (1 - gamma-hat) as keep - outer(keep * sigma(p3), sigma(gamma)): two-operand broadcasts only
+    # (a three-operand broadcast defeats TensorIterator's vectorisation on CPU).
     b_gate = torch.sigmoid(beta)  # (B,T,H,D)
-    decay_v = 1 - b_gate
-    if dones is not None:
-        decay_v = decay_v * keep.view(batch, steps, 1, 1)
+    if dones is None:
+        decay_k = 1 - _outer(sig_p3, sig_g)  # (B,T,H,E)
+        decay_v = 1 - b_gate
+    else:
+        keep = (1 - dones.to(compute)).view(batch, steps, 1, 1)
+        decay_k = keep - _outer(keep * sig_p3, sig_g)
+        decay_v = keep - keep * b_gate
     k_in = _outer(key_a, key_b)  # (B,T,H,E)
     v_in = b_gate * values
 
@@ -98,14 +98,13 @@ def reference_recurrence(
     direct = final_out is not None and steps == 1 and compute == torch.float32
     buf_k, buf_v, buf_s = (t.unsqueeze(1) for t in final_out) if direct else (None, None, None)
     osc = oscillator_coefficients(tick, steps, r).to(compute)  # (B,T,R)
-    x_k = _outer(osc[..., None, None] * key_a.unsqueeze(2), key_b.unsqueeze(2))  # (B,T,R,H,E)
-    k_states = discounted_sum(x_k, decay_k.unsqueeze(2), tilde_k, buf_k)
+    k_states = discounted_sum(osc[..., None, None] * k_in.unsqueeze(2), decay_k.unsqueeze(2), tilde_k, buf_k)
     s_states = discounted_sum(k_in, decay_k, s, buf_s)  # (B,T,H,E)
     v_states = discounted_sum(osc[..., None, None] * v_in.unsqueeze(2), decay_v.unsqueeze(2), tilde_v, buf_v)
 
     # Products and sums rather than einsum: einsum would permute every state into a bmm layout first.
-    scores = (k_states * q_feat.unsqueeze(2)).sum(-1)  # <tilde_k_j, Q>: (B,T,R,H)
-    norm = (s_states * q_feat).sum(-1, keepdim=True)  # <s, Q>: (B,T,H,1)
+    scores = torch.linalg.vecdot(k_states, q_feat.unsqueeze(2))  # <tilde_k_j, Q>: (B,T,R,H)
+    norm = torch.linalg.vecdot(s_states, q_feat).unsqueeze(-1)  # <s, Q>: (B,T,H,1)
     kv = (v_states * scores.unsqueeze(-1)).sum(2)  # (B,T,H,D)
     out = kv / (2 * r * norm + eps)
 
