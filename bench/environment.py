@@ -10,7 +10,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["describe_device", "device_slug", "pick_device", "pin_threads", "versions"]
+__all__ = ["describe_device", "device_slug", "load_average", "pick_device", "pin_threads", "versions"]
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the OS has none): other work on a shared
+    machine slows every CPU figure, so each run records how busy the machine was."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def pick_device(requested: str | None = None) -> torch.device:

@@ -23,6 +23,12 @@ def _machine(doc: dict[str, Any]) -> str:
     dev, v = doc["device"], doc["versions"]
     if dev["type"] == "cpu":
         where = f"a {dev['cpu_count']}-core CPU ({dev['name']}), torch threads {dev['threads']}"
+        load = dev.get("load_average")
+        if load:
+            where += (
+                f", 1-minute load average {load['start'][0]:.2f} at the start and {load['end'][0]:.2f} "
+                "at the end (other jobs running on the machine slow every figure)"
+            )
     else:
         where = f"{dev['name']} (CUDA {v['cuda']}; host {dev['cpu_count']} CPUs)"
     return (f"{where}; torch {v['torch']}, triton {v['triton']}, Python {v['python']}; "

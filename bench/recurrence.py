@@ -37,7 +37,7 @@ def recurrence_shapes(presets: list[str]) -> list[RecurrenceShape]:
     return [
         RecurrenceShape(
             f"recurrence-{p}", PRESETS[p]["n_heads"], PRESETS[p]["d_head"], PRESETS[p]["eta"], PRESETS[p]["r"]
-        )  # fmt: skip
+        )
         for p in ordered
     ]
 

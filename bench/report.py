@@ -77,10 +77,16 @@ def sections(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _ratio_meaning(section: dict[str, Any]) -> str:
+    if section["workload"].startswith("recurrence"):
+        return "throughput / that of the same shape on the reference backend"
+    return f"throughput / that of {section['ratio_to']}"
+
+
 def markdown_tables(doc: dict[str, Any]) -> str:
     parts = []
     for s in sections(doc):
-        note = f" Brackets: throughput / that of {s['ratio_to']}." if s["ratio_to"] else ""
+        note = f" Brackets: {_ratio_meaning(s)}." if s["ratio_to"] else ""
         parts.append(f"**{s['title']}.**{note}\n")
         parts.append("| " + " | ".join(s["headers"]) + " |")
         parts.append("|" + "|".join(["---"] + ["---:"] * (len(s["headers"]) - 1)) + "|")
@@ -131,6 +137,13 @@ def ratio_lines(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _load(device: dict[str, Any]) -> str:
+    load = device.get("load_average") or {}
+    if not load:
+        return "unknown"
+    return f"{load['start'][0]:.2f} at the start, {load['end'][0]:.2f} at the end (1 min)"
+
+
 def fmt_ratio(ratio: float | None) -> str:
     """A baseline's record stores baseline / AGaLiTe; the sentences give AGaLiTe / baseline."""
     if not ratio:
@@ -144,11 +157,15 @@ def print_report(doc: dict[str, Any], console: Any = None) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # a log file: do not squeeze the tables into 80 columns
+            console = Console(width=160)
     dev = doc["device"]
     console.print(
-        f"[bold]{dev['name']}[/bold] ({dev['type']}, {dev['cpu_count']} CPUs, torch threads {dev['threads']}), "
-        f"torch {doc['versions']['torch']}, triton {doc['versions']['triton']}, sweep {doc['config']['mode']}"
+        f"[bold]{escape(dev['name'])}[/bold] ({dev['type']}, {dev['cpu_count']} CPUs, torch threads {dev['threads']}), "
+        f"torch {doc['versions']['torch']}, triton {doc['versions']['triton']}, sweep {doc['config']['mode']}, "
+        f"load average {_load(dev)}"
     )
     for g in doc["gates"]:
         mark = "[green]pass[/green]" if g["passed"] else "[red]FAIL[/red]"
@@ -164,7 +181,7 @@ def print_report(doc: dict[str, Any], console: Any = None) -> None:
         for row in s["rows"]:
             table.add_row(*map(escape, row))
         if s["ratio_to"]:
-            table.caption = escape(f"(ratio) = throughput / that of {s['ratio_to']}")
+            table.caption = escape(f"(ratio) = {_ratio_meaning(s)}")
         console.print(table)
     for line in ratio_lines(doc):
         console.print(escape(line))

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import gc
+import itertools
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ import torch
 from agalite_triton.backend import triton_available
 
 from . import gate
-from .environment import describe_device, versions
+from .environment import describe_device, load_average, versions
 from .memory import peak_bytes
 from .recurrence import RecurrenceShape, recurrence_shapes, recurrence_step
 from .sweep import Sweep
@@ -68,51 +70,44 @@ def _shape_info(shape: RecurrenceShape, backend: str) -> dict[str, Any]:
     )  # fmt: skip
 
 
+def _model_fn(
+    workload: str, spec: SystemSpec, batch: int, dtype: str, sweep: Sweep, device: torch.device
+) -> Callable[[], None]:
+    module = build(spec, sweep.input_dim, device, sweep.seed)
+    args = (sweep.input_dim, device, DTYPES[dtype], sweep.done_prob, sweep.seed)
+    if workload == "inference":
+        return inference_step(module, batch, *args)
+    return training_step(module, batch, sweep.seq_len, *args)
+
+
 def plan(sweep: Sweep, device: torch.device, backends: list[str]) -> list[Case]:
     """Every case of ``sweep`` for the backends that passed the gate, in running order."""
+    presets, memories, T = list(sweep.presets), list(sweep.gtrxl_memories), sweep.seq_len
+    workloads = {
+        "inference": ([*agalite_specs(presets, backends), *gtrxl_specs(memories, ["recompute", "kv_cache"]),
+                       *lstm_specs()], sweep.inference_batches, 1),
+        "training": ([*agalite_specs(presets, backends), *gtrxl_specs(memories, [None]), *lstm_specs()],
+                     sweep.training_batches, T),
+    }  # fmt: skip
     cases: list[Case] = []
-    dim, T, p, seed = sweep.input_dim, sweep.seq_len, sweep.done_prob, sweep.seed
-    presets = list(sweep.presets)
-
-    def model_cases(workload: str, specs: Iterable[SystemSpec], batches: tuple[int, ...]) -> None:
-        for spec in specs:
-            if not sweep.keeps(spec.name):
-                continue
-            module = build(spec, dim, torch.device("meta"), seed)  # sizes only; built for real when run
-            info = _system_info(spec, module)
-            for dtype in sweep.dtypes:
-                for b in batches:
-
-                    def make(spec: SystemSpec = spec, b: int = b, dtype: str = dtype) -> Callable[[], None]:
-                        module = build(spec, dim, device, seed)
-                        if workload == "inference":
-                            return inference_step(module, b, dim, device, DTYPES[dtype], p, seed)
-                        return training_step(module, b, T, dim, device, DTYPES[dtype], p, seed)
-
-                    cases.append(Case(workload, info, dtype, b, 1 if workload == "inference" else T, make))
-
-    if "inference" in sweep.workloads:
-        specs = [*agalite_specs(presets, backends), *gtrxl_specs(list(sweep.gtrxl_memories),
-                 ["recompute", "kv_cache"]), *lstm_specs()]  # fmt: skip
-        model_cases("inference", specs, sweep.inference_batches)
-    if "training" in sweep.workloads:
-        specs = [*agalite_specs(presets, backends), *gtrxl_specs(list(sweep.gtrxl_memories), [None]), *lstm_specs()]
-        model_cases("training", specs, sweep.training_batches)
+    for workload, (specs, batches, steps) in workloads.items():
+        if workload not in sweep.workloads:
+            continue
+        for spec in filter(lambda s: sweep.keeps(s.name), specs):
+            # Sizes only (parameters, state bytes): the module is built for real when the case runs.
+            info = _system_info(spec, build(spec, sweep.input_dim, torch.device("meta"), sweep.seed))
+            for dtype, b in itertools.product(sweep.dtypes, batches):
+                make = functools.partial(_model_fn, workload, spec, b, dtype, sweep, device)
+                cases.append(Case(workload, info, dtype, b, steps, make))
     if "recurrence" in sweep.workloads:
-        for backward in (False, True):
+        shapes = [s for s in recurrence_shapes(presets) if sweep.keeps(s.name)]
+        for backward, shape, backend, dtype, b in itertools.product(
+            (False, True), shapes, backends, sweep.dtypes, sweep.recurrence_batches
+        ):
             workload = "recurrence_forward_backward" if backward else "recurrence_forward"
-            for shape in recurrence_shapes(presets):
-                if not sweep.keeps(shape.name):
-                    continue
-                for backend in backends:
-                    for dtype in sweep.dtypes:
-                        for b in sweep.recurrence_batches:
-
-                            def make(shape: RecurrenceShape = shape, b: int = b, backend: str = backend,
-                                     dtype: str = dtype, backward: bool = backward) -> Callable[[], None]:  # fmt: skip
-                                return recurrence_step(shape, b, T, backend, device, DTYPES[dtype], backward, p, seed)
-
-                            cases.append(Case(workload, _shape_info(shape, backend), dtype, b, T, make))
+            make = functools.partial(recurrence_step, shape, b, T, backend, device, DTYPES[dtype], backward,
+                                     sweep.done_prob, sweep.seed)  # fmt: skip
+            cases.append(Case(workload, _shape_info(shape, backend), dtype, b, T, make))
     return cases
 
 
@@ -181,6 +176,7 @@ def run_bench(
 ) -> dict[str, Any]:
     """Gate, measure and return the result document (not yet written anywhere)."""
     started = time.perf_counter()
+    load_at_start = load_average()
     if device.type == "cuda":
         # fp32 means fp32: no TF32 in matmuls or cuDNN (LSTM).
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -211,12 +207,14 @@ def run_bench(
     add_ratios(records, "triton" if "triton" in passing else "reference")
 
     systems = {c.system["label"]: c.system for c in cases}
+    device_info = describe_device(device)
+    device_info["load_average"] = dict(start=load_at_start, end=load_average()) if load_at_start else None
     return dict(
         schema=SCHEMA,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         command=command,
         note=note,
-        device=describe_device(device),
+        device=device_info,
         versions=versions(),
         config=sweep.as_dict(),
         timing_method=_timing_method(device),

@@ -76,6 +76,8 @@ def test_run_writes_the_documented_json(tiny_run):
     assert stored["versions"]["python"] == sys.version.split()[0]
     assert stored["config"]["seq_len"] == 3 and stored["config"]["gtrxl_memories"] == [3]
     assert stored["note"] == "test run"
+    load = stored["device"]["load_average"]
+    assert load is None or (len(load["start"]) == 3 and len(load["end"]) == 3)
 
 
 def test_run_measures_every_case(tiny_run):

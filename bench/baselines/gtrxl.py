@@ -154,11 +154,14 @@ class GTrXLLayer(nn.Module):
         else:
             keys = keys.index_copy(2, head, k.to(keys.dtype))
             values = values.index_copy(2, head, v.to(values.dtype))
-        q_content, q_position = self._biased_queries(q, k.dtype)
-        r = self.position(slot_rel).view(S, H, Dh).to(k.dtype)
-        pos_scores = torch.einsum("bhqd,shd->bhqs", q_position, r)
-        bias = (pos_scores * Dh**-0.5 + mask).to(k.dtype)
-        attn = F.scaled_dot_product_attention(q_content, keys.to(k.dtype), values.to(k.dtype), attn_mask=bias)
+        q_content, q_position = self._biased_queries(q, keys.dtype)
+        r = self.position(slot_rel).view(S, H, Dh).to(keys.dtype)
+        # Attend in the cache's own dtype: under autocast, SDPA would otherwise copy the whole ring to
+        # bf16 at every step, a cost no real KV cache pays.
+        with torch.autocast(keys.device.type, enabled=False):
+            pos_scores = torch.einsum("bhqd,shd->bhqs", q_position, r)
+            bias = pos_scores * Dh**-0.5 + mask
+            attn = F.scaled_dot_product_attention(q_content, keys, values, attn_mask=bias.to(keys.dtype))
         return self._after_attention(h, attn.reshape(B, H * Dh)), keys, values
 
 
