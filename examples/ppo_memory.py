@@ -63,6 +63,8 @@ class PPOConfig:
     device: str = "cpu"
     threads: int = 1
     target_return: float = 0.9
+    # Stop once this many consecutive rollouts reach target_return (0: always run total_timesteps).
+    stop_after_target: int = 0
 
     @property
     def batch_size(self) -> int:
@@ -222,6 +224,7 @@ def train(cfg: PPOConfig, run_dir: Path | None = None, progress: bool = True) ->
     curve: list[dict[str, float]] = []
     global_step = 0
     solved_at: int | None = None
+    streak = 0
     start = time.perf_counter()
     bar = None
     if progress:
@@ -283,7 +286,9 @@ def train(cfg: PPOConfig, run_dir: Path | None = None, progress: bool = True) ->
 
         now = time.perf_counter()
         mean_return = float(np.mean(ep_returns)) if ep_returns else float("nan")
-        if solved_at is None and ep_returns and mean_return >= cfg.target_return:
+        reached = bool(ep_returns) and mean_return >= cfg.target_return
+        streak = streak + 1 if reached else 0
+        if solved_at is None and reached:
             solved_at = global_step
         point = {
             "iteration": iteration + 1,
@@ -303,6 +308,8 @@ def train(cfg: PPOConfig, run_dir: Path | None = None, progress: bool = True) ->
         if bar is not None:
             bar.update(T * N)
             bar.set_postfix(ret=f"{mean_return:.2f}", sps=f"{point['sps']:.0f}")
+        if cfg.stop_after_target and streak >= cfg.stop_after_target:
+            break
     if bar is not None:
         bar.close()
 

@@ -1,6 +1,7 @@
 """End-to-end: PPO with an AGaLiTe core learns the cue-recall T-maze; a memoryless control does not.
 
-Runs examples/ppo_memory.py's ``train`` on corridor 10 (about 15 s per seed on one thread).
+Runs examples/ppo_memory.py's ``train`` on corridor 10; an AGaLiTe run stops once two consecutive rollouts
+average >= 0.9 (about 6 s per seed on one idle thread), the control runs the full budget.
 """
 
 import importlib.util
@@ -21,20 +22,21 @@ def _example():
     return module
 
 
-def _run(core: str, seed: int) -> dict:
+def _run(core: str, seed: int, stop_after_target: int = 0) -> dict:
     ppo = _example()
     cfg = ppo.PPOConfig(
         core=core, corridor=10, seed=seed, total_timesteps=TIMESTEPS, hidden=64, n_layers=1, n_heads=4,
-        d_head=16, d_ffc=64, eta=4, r=2, backend="reference", threads=1,
+        d_head=16, d_ffc=64, eta=4, r=2, backend="reference", threads=1, stop_after_target=stop_after_target,
     )
     return ppo.train(cfg, run_dir=None, progress=False)
 
 
 @pytest.mark.slow
 def test_agalite_learns_cue_recall():
-    results = [_run("agalite", seed) for seed in (1, 2, 3)]
+    results = [_run("agalite", seed, stop_after_target=2) for seed in (1, 2, 3)]
+    # Solved: two consecutive rollouts (about 400 episodes each) with mean return >= 0.9, within budget.
+    solved = [r["final_return"] >= 0.9 and r["steps_to_target"] is not None for r in results]
     finals = [r["final_return"] for r in results]
-    solved = [f >= 0.9 and r["steps_to_target"] is not None for f, r in zip(finals, results)]
     steps = [r["steps_to_target"] for r in results]
     assert sum(solved) >= 2, f"final mean returns per seed {finals}, steps to 0.9 {steps}"
 
