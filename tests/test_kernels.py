@@ -1,7 +1,8 @@
 """Triton kernels against the PyTorch reference: outputs, final state and every gradient.
 
-On CPU the kernels run under TRITON_INTERPRET=1 (set by conftest) in float32 and float64 on small odd
-shapes; with CUDA the same checks run on larger shapes in float32 and bfloat16. Every kernel output is
+On CPU the kernels run under TRITON_INTERPRET=1 (set by conftest) on small odd shapes in float32,
+float64, bfloat16 and float16 (16-bit values are only loaded and stored; all arithmetic is fp32); with
+CUDA the same checks run on larger shapes in float32 and bfloat16. Every kernel output is
 allocated NaN-filled (``launch.POISON_OUTPUTS``), so an element a kernel forgets to write fails.
 """
 
@@ -26,6 +27,7 @@ TOL = {
     torch.float64: (1e-12, 1e-11),
     torch.float32: (1e-5, 1e-4),
     torch.bfloat16: (1e-2, 1e-2),
+    torch.float16: (1e-2, 1e-2),
 }  # (outputs and state, gradients)
 
 GATE_LOGITS = {"normal": None, "near0": -9.0, "near1": 9.0, "saturated0": -40.0, "saturated1": 40.0}
@@ -155,6 +157,9 @@ SHAPES_CPU = [(2, 1, 2, 3, 1, 1), (2, 7, 2, 5, 3, 2), (1, 33, 2, 6, 4, 3), (2, 7
 SHAPES_GPU = [(4, 1, 4, 64, 4, 2), (8, 100, 4, 64, 4, 2), (3, 257, 3, 48, 3, 7), (2, 64, 2, 96, 1, 8)]
 DEVICES_DTYPES = [
     pytest.param("cpu", torch.float32, id="cpu-fp32"),
+    # The interpreter cannot do bf16 arithmetic, but the kernels only load and store 16-bit values.
+    pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),
+    pytest.param("cpu", torch.float16, id="cpu-fp16"),
     pytest.param("cuda", torch.float32, id="cuda-fp32", marks=[requires_cuda, pytest.mark.gpu]),
     pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=[requires_cuda, pytest.mark.gpu]),
 ]
@@ -251,3 +256,26 @@ def test_poisoned_outputs_are_nan():
     """The NaN fill is real, so the comparisons above would see an unwritten element."""
     buf = launch.new_output((3, 2), torch.float32, torch.device("cpu"))
     assert torch.isnan(buf).all()
+
+
+def test_autocast_bf16_model_matches_reference():
+    """Under a bf16 autocast region the projections reach the recurrence in bf16: the kernel backend
+    accepts them and returns bf16 like the reference. Against the float32 model, the kernel backend's
+    outputs and gradients must be about as accurate as the reference backend's under the same autocast."""
+    from agalite_triton import AGaLiTe
+
+    x = torch.randn(2, 6, 5, generator=torch.Generator().manual_seed(0))
+    results = {}
+    for backend, autocast in (("triton", True), ("reference", True), ("reference", False)):
+        torch.manual_seed(0)
+        model = AGaLiTe(5, d_model=16, n_layers=1, n_heads=2, d_head=6, d_ffc=16, eta=2, r=3, backend=backend)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y, state = model(x, model.initial_state(2))
+        assert state.tilde_k.dtype == torch.float32
+        grads = torch.autograd.grad(y.float().square().sum(), list(model.parameters()))
+        results[backend, autocast] = [y, *state[:3], *grads]
+    kernel, ref, oracle = results["triton", True], results["reference", True], results["reference", False]
+    for i, (got, mine, want) in enumerate(zip(kernel, ref, oracle)):
+        assert got.dtype == mine.dtype
+        err_kernel, err_ref = rel_err(got, want), rel_err(mine, want)
+        assert err_kernel <= max(1e-2, 1.5 * err_ref), (i, err_kernel, err_ref)
