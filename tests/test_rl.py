@@ -88,6 +88,17 @@ def test_replay_from_packed_states_is_bit_exact():
 
 
 @torch.no_grad()
+def test_replay_after_in_place_rollout_is_bit_exact():
+    # model(..., out=state) overwrites the state each step, so record() must keep a copy.
+    model = _model()
+    x, dones = _rollout_data(seed=5)
+    segs = SegmentStates(NUM_ENVS, NUM_STEPS, SEGMENT_LEN)
+    outputs, _ = _rollout(model, _state_with_history(model), x, dones, segs,
+                          lambda m, xt, st, dt: m(xt, st, dt, out=st))
+    _replay_all(model, segs, x, dones, outputs, lambda st: st)
+
+
+@torch.no_grad()
 def test_small_rollout_batch_matches_to_rounding():
     # With 6 envs the rollout's one-step matmuls go through sgemm's small-M path (see the note at the
     # top), so replay agrees only to float32 rounding; everything else is as above.
