@@ -18,11 +18,11 @@ from agalite_triton.backend import triton_available
 
 from . import gate
 from .environment import describe_device, load_average, versions
-from .memory import peak_bytes
+from .memory import CPU_METHOD, CUDA_METHOD, peak_bytes
 from .recurrence import RecurrenceShape, recurrence_shapes, recurrence_step
 from .sweep import Sweep
 from .systems import REFERENCE_SYSTEM, SystemSpec, agalite_specs, build, gtrxl_specs, lstm_specs
-from .timing import measure
+from .timing import describe_method, measure
 from .workloads import inference_step, training_step
 
 __all__ = ["SCHEMA", "Case", "available_backends", "plan", "run_bench"]
@@ -146,7 +146,7 @@ def _run_case(case: Case, device: torch.device, budget_s: float) -> dict[str, An
     return record
 
 
-def _reference_label(record: dict[str, Any], best_backend: str) -> str | None:
+def _reference_label(record: dict[str, Any], best_backend: str) -> str:
     if record["workload"].startswith("recurrence"):
         return f"{record['system']} [reference]"
     return f"{REFERENCE_SYSTEM} [{best_backend}]"
@@ -172,7 +172,6 @@ def run_bench(
     command: str = "python -m bench",
     note: str = "",
     progress: bool = True,
-    on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Gate, measure and return the result document (not yet written anywhere)."""
     started = time.perf_counter()
@@ -199,11 +198,7 @@ def run_bench(
     cases = plan(sweep, device, passing)
     if not gtrxl_gate.passed:
         cases = [c for c in cases if c.system["mode"] != "kv_cache"]
-    records = []
-    for record in _iterate(cases, device, sweep.budget_s, progress):
-        records.append(record)
-        if on_record is not None:
-            on_record(record)
+    records = list(_iterate(cases, device, sweep.budget_s, progress))
     add_ratios(records, "triton" if "triton" in passing else "reference")
 
     systems = {c.system["label"]: c.system for c in cases}
@@ -217,8 +212,8 @@ def run_bench(
         device=device_info,
         versions=versions(),
         config=sweep.as_dict(),
-        timing_method=_timing_method(device),
-        memory_method=_memory_method(device),
+        timing_method=describe_method(device),
+        memory_method=CUDA_METHOD if device.type == "cuda" else CPU_METHOD,
         backends=passing,
         gates=[g.as_dict() for g in gates],
         skipped=skipped,
@@ -226,19 +221,6 @@ def run_bench(
         results=records,
         elapsed_s=time.perf_counter() - started,
     )
-
-
-def _timing_method(device: torch.device) -> str:
-    if device.type == "cuda":
-        return "triton.testing.do_bench (or CUDA events) after warm-up; median, p20, p80"
-    return (f"time.perf_counter per call after warm-up, torch.set_num_threads({torch.get_num_threads()}); "
-            "median, p20, p80")  # fmt: skip
-
-
-def _memory_method(device: torch.device) -> str:
-    from .memory import CPU_METHOD, CUDA_METHOD
-
-    return CUDA_METHOD if device.type == "cuda" else CPU_METHOD
 
 
 def _iterate(cases: list[Case], device: torch.device, budget_s: float, progress: bool) -> Iterable[dict[str, Any]]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Timing", "measure"]
+__all__ = ["Timing", "describe_method", "measure"]
 
 
 @dataclass(frozen=True)
@@ -49,15 +49,29 @@ def _repeat(call: Callable[[], float], budget_s: float, min_reps: int, max_reps:
     return samples
 
 
+def _do_bench() -> Callable[..., list[float]] | None:
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        return None
+    return do_bench
+
+
+def describe_method(device: torch.device) -> str:
+    """How :func:`measure` times calls on ``device``, for the result file."""
+    if device.type == "cuda":
+        how = "triton.testing.do_bench" if _do_bench() is not None else "CUDA events around each call"
+    else:
+        how = f"time.perf_counter around each call, torch.set_num_threads({torch.get_num_threads()})"
+    return f"{how}, after warm-up; median, p20 and p80 of the repetitions"
+
+
 def measure(
     fn: Callable[[], object], device: torch.device, budget_s: float = 0.5, min_reps: int = 3, max_reps: int = 200
 ) -> Timing:
     """Time ``fn`` on ``device``: about ``budget_s`` seconds of repetitions, at least ``min_reps``."""
     if device.type == "cuda":
-        try:
-            from triton.testing import do_bench
-        except ImportError:
-            do_bench = None
+        do_bench = _do_bench()
         if do_bench is not None:
             ms = do_bench(fn, warmup=max(1, int(budget_s * 250)), rep=max(1, int(budget_s * 1000)),
                           quantiles=[0.5, 0.2, 0.8])  # fmt: skip

@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from agalite_triton import AGaLiTe
+
 from .systems import training_state
 
 __all__ = ["autocast", "inference_step", "training_step"]
@@ -45,12 +47,18 @@ def inference_step(
     with torch.inference_mode():
         holder = [module.initial_state(batch, device)]
     counter = [0]
+    # AGaLiTe steps its state in place (``out=state``), as GTrXL's kv_cache does: a rollout loop that
+    # allocates no state per step. The recompute GTrXL and the LSTM return new states, as they are written.
+    in_place = isinstance(module, AGaLiTe)
 
     def step() -> None:
         i = counter[0] % POOL
         counter[0] += 1
         with torch.inference_mode(), autocast(device, dtype):
-            _, holder[0] = module(xs[i], holder[0], dones[i])
+            if in_place:
+                module(xs[i], holder[0], dones[i], out=holder[0])
+            else:
+                _, holder[0] = module(xs[i], holder[0], dones[i])
 
     return step
 
