@@ -22,7 +22,6 @@ class Timing:
     p20_s: float
     p80_s: float
     reps: int | None  # None: do_bench chose (it does not say how many)
-    method: str
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:
@@ -31,9 +30,9 @@ def _quantile(sorted_values: list[float], q: float) -> float:
     return statistics.quantiles(sorted_values, n=100, method="inclusive")[round(q * 100) - 1]
 
 
-def _summarise(samples: list[float], method: str) -> Timing:
+def _summarise(samples: list[float]) -> Timing:
     samples = sorted(samples)
-    return Timing(statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8), len(samples), method)
+    return Timing(statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8), len(samples))
 
 
 def _repeat(call: Callable[[], float], budget_s: float, min_reps: int, max_reps: int) -> list[float]:
@@ -75,7 +74,7 @@ def measure(
         if do_bench is not None:
             ms = do_bench(fn, warmup=max(1, int(budget_s * 250)), rep=max(1, int(budget_s * 1000)),
                           quantiles=[0.5, 0.2, 0.8])  # fmt: skip
-            return Timing(ms[0] / 1e3, ms[1] / 1e3, ms[2] / 1e3, None, "triton.testing.do_bench")
+            return Timing(ms[0] / 1e3, ms[1] / 1e3, ms[2] / 1e3, None)
 
         def call() -> float:
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -85,11 +84,11 @@ def measure(
             end.synchronize()
             return begin.elapsed_time(end) / 1e3
 
-        return _summarise(_repeat(call, budget_s, min_reps, max_reps), "cuda events")
+        return _summarise(_repeat(call, budget_s, min_reps, max_reps))
 
     def call() -> float:
         begin = time.perf_counter()
         fn()
         return time.perf_counter() - begin
 
-    return _summarise(_repeat(call, budget_s, min_reps, max_reps), "time.perf_counter")
+    return _summarise(_repeat(call, budget_s, min_reps, max_reps))

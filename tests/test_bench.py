@@ -165,7 +165,7 @@ def test_cpu_peak_memory_is_exact_for_known_allocations():
 
 
 def test_timing_summary_orders_quantiles():
-    t = _summarise([5.0, 1.0, 3.0, 2.0, 4.0], "test")
+    t = _summarise([5.0, 1.0, 3.0, 2.0, 4.0])
     assert (t.p20_s, t.median_s, t.p80_s, t.reps) == (pytest.approx(1.8), 3.0, pytest.approx(4.2), 5)
 
 
