@@ -34,6 +34,20 @@ def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def _without_note(argv: list[str]) -> list[str]:
+    """The command line as recorded: the note is shown on its own, so it is left out of the command."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--note":
+            skip = True
+        elif not arg.startswith("--note="):
+            kept.append(arg)
+    return kept
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -64,8 +78,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         only=args.only, batches=args.batch, memories=args.memory, systems=args.systems,
         presets=args.presets, seq_len=args.seq_len, budget_s=args.budget,
     )  # fmt: skip
-    shown = sys.argv[1:] if argv is None else argv
-    command = " ".join(["python -m bench", *map(shlex.quote, shown)])
+    command = " ".join(["python -m bench", *map(shlex.quote, _without_note(sys.argv[1:] if argv is None else argv))])
     doc = run_bench(sweep, device, command=command, note=args.note, progress=not args.no_progress)
 
     stem = f"{device_slug(doc['device'])}-{dt.date.today().isoformat()}"

@@ -7,6 +7,8 @@ from typing import Any
 
 __all__ = ["plot"]
 
+MARKERS = {"agalite": "o", "recurrence": "o", "gtrxl": "s", "lstm": "^"}
+
 
 def plot(doc: dict[str, Any], path: Path) -> Path:
     import matplotlib
@@ -19,8 +21,12 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
     workloads = list(dict.fromkeys(r["workload"] for r in doc["results"]))
     if not workloads:
         raise ValueError("doc: no results to plot")
-    fig, axes = plt.subplots(1, len(workloads), figsize=(6.5 * len(workloads), 5), squeeze=False)
-    for ax, workload in zip(axes[0], workloads):
+    cols = min(2, len(workloads))
+    rows = -(-len(workloads) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 5 * rows), squeeze=False)
+    for ax in axes.flat[len(workloads) :]:
+        ax.set_visible(False)
+    for ax, workload in zip(axes.flat, workloads):
         rows = [r for r in doc["results"] if r["workload"] == workload and r["status"] == "ok"]
         for dtype in dict.fromkeys(r["dtype"] for r in rows):
             style = "-" if dtype == "float32" else "--"
@@ -29,16 +35,18 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
                 if not pts:
                     continue
                 name = label if len(doc["config"]["dtypes"]) == 1 else f"{label} {dtype}"
-                ax.plot(*zip(*pts), style, marker="o", label=name)
+                family = next(r["family"] for r in rows if r["label"] == label)
+                ax.plot(*zip(*pts), style, marker=MARKERS.get(family, "o"), label=name)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("batch size B")
         ax.set_ylabel(rows[0]["unit"] if rows else "")
         ax.set_title(TITLES.get(workload, workload), fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     dev = doc["device"]
-    fig.suptitle(f"{dev['name']} ({dev['type']}, {dev['threads']} threads), {doc['created'][:10]}", fontsize=10)
+    threads = f"{dev['threads']} thread" + ("s" if dev["threads"] != 1 else "")
+    fig.suptitle(f"{dev['name']} ({dev['type']}, {threads}), {doc['created'][:10]}", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

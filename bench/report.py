@@ -167,6 +167,13 @@ def print_report(doc: dict[str, Any], console: Any = None) -> None:
         f"torch {doc['versions']['torch']}, triton {doc['versions']['triton']}, sweep {doc['config']['mode']}, "
         f"load average {_load(dev)}"
     )
+    load = dev.get("load_average")
+    if dev["type"] == "cpu" and load and max(load["start"][0], load["end"][0]) > 0.5 * dev["cpu_count"]:
+        advice = "; with several torch threads every parallel region waits for them (try --threads 1)"
+        console.print(
+            "[yellow]warning[/yellow]: other jobs were running on this machine, so CPU figures are slow and noisy"
+            + (advice if dev["threads"] > 1 else "")
+        )
     for g in doc["gates"]:
         mark = "[green]pass[/green]" if g["passed"] else "[red]FAIL[/red]"
         err = "" if g["max_error"] is None else f" max err {g['max_error']:.2e} (tol {g['tolerance']:.0e})"

@@ -75,7 +75,8 @@ def test_run_writes_the_documented_json(tiny_run):
     assert stored["versions"]["torch"] == torch.__version__
     assert stored["versions"]["python"] == sys.version.split()[0]
     assert stored["config"]["seq_len"] == 3 and stored["config"]["gtrxl_memories"] == [3]
-    assert stored["note"] == "test run"
+    assert stored["note"] == "test run" and "--note" not in stored["command"]
+    assert stored["command"].startswith("python -m bench --batch 2 --seq-len 3")
     load = stored["device"]["load_average"]
     assert load is None or (len(load["start"]) == 3 and len(load["end"]) == 3)
 

@@ -289,9 +289,8 @@ class GTrXL(nn.Module):
             last_done = torch.where(dones, steps, -1).cummax(dim=1).values  # (B, T)
         # Query t (at position M + t) sees its own episode's positions, at most M back: a window of M,
         # exactly what stepping sees, so that training matches acting even when T > M.
-        first = torch.where(last_done >= 0, M + last_done, M - state.since_done[:, None])
+        first = torch.maximum(torch.where(last_done >= 0, M + last_done, M - state.since_done[:, None]), steps)
         query_pos = M + steps
-        first = torch.maximum(first, steps)
         visible = (keys >= first[..., None]) & (keys <= query_pos[:, None])  # (B, T, S)
         mask = torch.zeros(B, 1, T, M + T, device=device).masked_fill(~visible[:, None], float("-inf"))
         distance = (query_pos[:, None] - keys).clamp(min=0)
