@@ -99,6 +99,8 @@ def test_custom_ops_pass_opcheck():
     step = [p[:, 0].detach() for p in proj]
     torch.library.opcheck(ops.step, (*step, dones[:, 0], *state, tick, 1e-5))
     torch.library.opcheck(ops.step_, (*step, None, *[x.clone() for x in state], tick, 1e-5))
+    buffers = [torch.empty_like(x) for x in state]
+    torch.library.opcheck(ops.step_into, (*step, dones[:, 0], *state, tick, 1e-5, *buffers))
 
 
 @needs_kernels

@@ -76,6 +76,27 @@ def test_t1_calls_equal_one_sequence_call(device):
         assert rel_err(got, want) <= 1e-5
 
 
+@pytest.mark.parametrize("steps", [1, 5])
+def test_final_out_buffers_receive_the_state(steps):
+    """triton_recurrence(final_out=...) writes the final state into the caller's buffers (slots of a
+    stacked state, as a rollout passes them) and returns them; the argument state is untouched."""
+    proj, dones, state, tick = make_case(2, steps, 2, 5, 3, 3, dones="first")
+    out_ref, final_ref = sequence_reference(proj, dones, state, tick)
+    stacked = [torch.full((2, *x.shape), float("nan")) for x in state]
+    slots = tuple(x[1] for x in stacked)
+    before = [x.clone() for x in state]
+    with torch.no_grad():
+        out, final = kernels.triton_recurrence(*proj, dones, *state, tick, final_out=slots)
+    assert all(a is b for a, b in zip(final, slots))
+    assert rel_err(out, out_ref) <= 1e-5
+    for got, want in zip(slots, final_ref):
+        assert rel_err(got, want) <= 1e-5
+    for x in stacked:
+        assert torch.isnan(x[0]).all()
+    for a, b in zip(state, before):
+        assert torch.equal(a, b)
+
+
 def test_step_without_dones_and_zero_state():
     proj, _, state, tick = make_case(2, 1, 3, 5, 2, 2, dones="none", init="zero")
     out_ref, final_ref = sequence_reference(proj, None, state, tick)

@@ -164,6 +164,35 @@ def _(keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s
         s.new_empty(s.shape)  # fmt: skip
 
 
+@torch.library.custom_op("agalite_triton::step_into", mutates_args=("tk_out", "tv_out", "s_out"))
+def _step_into_op(
+    keys: torch.Tensor,
+    queries: torch.Tensor,
+    values: torch.Tensor,
+    beta: torch.Tensor,
+    gamma: torch.Tensor,
+    p1: torch.Tensor,
+    p2: torch.Tensor,
+    p3: torch.Tensor,
+    dones: torch.Tensor | None,
+    tilde_k: torch.Tensor,
+    tilde_v: torch.Tensor,
+    s: torch.Tensor,
+    tick: torch.Tensor,
+    eps: float,
+    tk_out: torch.Tensor,
+    tv_out: torch.Tensor,
+    s_out: torch.Tensor,
+) -> torch.Tensor:
+    return step_forward(keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick, eps,
+                        in_place=False, state_out=(tk_out, tv_out, s_out))[0]  # fmt: skip
+
+
+@_step_into_op.register_fake
+def _(keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick, eps, tk_out, tv_out, s_out):
+    return keys.new_empty(keys.shape)
+
+
 def triton_recurrence(
     keys: torch.Tensor,
     queries: torch.Tensor,
@@ -179,15 +208,33 @@ def triton_recurrence(
     s: torch.Tensor,
     tick: torch.Tensor,
     eps: float = 1e-5,
+    final_out: State | None = None,
 ) -> tuple[torch.Tensor, State]:
     """The kernel backend of ``agalite_recurrence``: same arguments (validated there), same results.
 
     Returns out (B, T, H, D) in the input dtype and the final (tilde_k, tilde_v, s) in the state dtype.
     Without gradients a T = 1 call takes the one-step kernel; otherwise the sequence kernels run,
-    keeping backward checkpoints only when autograd will need them.
+    keeping backward checkpoints only when autograd will need them. ``final_out`` (inference only,
+    buffers shaped like the state that do not alias it) receives and is returned as the final state;
+    the one-step kernel writes straight into it when its last dimension has unit stride.
     """
     differentiable = (keys, queries, values, beta, gamma, p1, p2, p3, tilde_k, tilde_v, s)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
+    if final_out is not None and needs_grad:
+        raise RuntimeError("final_out: only for inference; call under torch.no_grad() or torch.inference_mode()")
+    direct = final_out is not None and all(t.stride(-1) == 1 for t in final_out)
+    if keys.shape[1] == 1 and direct:
+        out = _step_into_op(
+            keys[:, 0], queries[:, 0], values[:, 0], beta[:, 0], gamma[:, 0], p1[:, 0], p2[:, 0], p3[:, 0],
+            None if dones is None else dones[:, 0], tilde_k, tilde_v, s, tick, eps, *final_out,
+        )  # fmt: skip
+        return out.unsqueeze(1), final_out
+    if final_out is not None:
+        out, final = triton_recurrence(keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s,
+                                       tick, eps)  # fmt: skip
+        for dst, src in zip(final_out, final):
+            dst.copy_(src)
+        return out, final_out
     if keys.shape[1] == 1 and not needs_grad:
         out, tk, tv, st = _step_op(
             keys[:, 0], queries[:, 0], values[:, 0], beta[:, 0], gamma[:, 0], p1[:, 0], p2[:, 0], p3[:, 0],

@@ -96,11 +96,13 @@ def step_forward(
     tick: torch.Tensor,
     eps: float,
     in_place: bool,
+    state_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the step kernel on (B, H, D) / (B, H, eta) projections and (B,) dones.
 
-    In place (state tensors need a unit last stride, which ``agalite_step_`` checks) the returned
-    state is the argument state; otherwise fresh contiguous tensors.
+    The new state goes to the argument state (``in_place``), to ``state_out`` (caller's buffers, shaped
+    like the state, not aliasing it) or to fresh contiguous tensors; written state tensors need a unit
+    last stride (checked by the public callers), and are returned.
     """
     batch, heads, dim = keys.shape
     eta, r = p1.shape[-1], tilde_k.shape[1]
@@ -112,7 +114,10 @@ def step_forward(
         tk_out, tv_out, s_out = tilde_k, tilde_v, s
     else:
         tilde_k, tilde_v, s = (x if x.stride(-1) == 1 else x.contiguous() for x in (tilde_k, tilde_v, s))
-        tk_out, tv_out, s_out = (new_output(tuple(x.shape), sdt, device) for x in (tilde_k, tilde_v, s))
+        if state_out is not None:
+            tk_out, tv_out, s_out = state_out
+        else:
+            tk_out, tv_out, s_out = (new_output(tuple(x.shape), sdt, device) for x in (tilde_k, tilde_v, s))
     done_f = dones.to(sdt).contiguous() if dones is not None else keys.new_empty(0, dtype=sdt)
     out = new_output((batch, heads, dim), keys.dtype, device)
     _step_kernel[(batch * heads,)](
