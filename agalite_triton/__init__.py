@@ -8,6 +8,7 @@ from .model import AGaLiTe
 from .oscillator import oscillator_coefficients
 from .presets import PRESETS
 from .recurrence import agalite_recurrence
+from .rl import SegmentStates
 from .state import AGaLiTeState
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "BACKENDS",
     "GRUGatingUnit",
     "PRESETS",
+    "SegmentStates",
     "agalite_recurrence",
     "oscillator_coefficients",
     "resolve_backend",
