@@ -59,6 +59,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--presets", type=_names, help="AGaLiTe presets / recurrence shapes (paper is the reference)")
     p.add_argument("--seq-len", type=int, help="T of the training and recurrence workloads (default 128)")
     p.add_argument("--budget", type=float, help="seconds of timed repetitions per measurement")
+    p.add_argument("--rounds", type=int, help="time the sweep this many times over, pooling samples (CPU default 3)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, normally the cores)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     p.add_argument("--out", type=Path, default=RESULTS, help=f"directory for the JSON and PNG (default {RESULTS})")
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pin_threads(args.threads)
     sweep = default_sweep(device, full=args.full).narrowed(
         only=args.only, batches=args.batch, memories=args.memory, systems=args.systems,
-        presets=args.presets, seq_len=args.seq_len, budget_s=args.budget,
+        presets=args.presets, seq_len=args.seq_len, budget_s=args.budget, rounds=args.rounds,
     )  # fmt: skip
     command = " ".join(["python -m bench", *map(shlex.quote, _without_note(sys.argv[1:] if argv is None else argv))])
     doc = run_bench(sweep, device, command=command, note=args.note, progress=not args.no_progress)

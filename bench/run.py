@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import gc
 import itertools
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,7 @@ from .memory import CPU_METHOD, CUDA_METHOD, peak_bytes
 from .recurrence import RecurrenceShape, recurrence_shapes, recurrence_step
 from .sweep import Sweep
 from .systems import REFERENCE_SYSTEM, SystemSpec, agalite_specs, build, gtrxl_specs, lstm_specs
-from .timing import describe_method, measure
+from .timing import Timing, describe_method, measure, sample, summarise
 from .workloads import inference_step, training_step
 
 __all__ = ["SCHEMA", "Case", "available_backends", "plan", "run_bench"]
@@ -115,8 +116,8 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def _run_case(case: Case, device: torch.device, budget_s: float) -> dict[str, Any]:
-    record: dict[str, Any] = dict(
+def _empty_record(case: Case) -> dict[str, Any]:
+    return dict(
         workload=case.workload, system=case.system["name"], label=case.system["label"],
         family=case.system["family"], mode=case.system["mode"], backend=case.system["backend"],
         dtype=case.dtype, batch=case.batch, seq_len=case.seq_len, unit=case.unit, status="ok", error=None,
@@ -124,26 +125,76 @@ def _run_case(case: Case, device: torch.device, budget_s: float) -> dict[str, An
         throughput_p80=None, peak_bytes=None, state_bytes_per_env=case.system["state_bytes_per_env"],
         ratio=None, ratio_to=None,
     )  # fmt: skip
-    fn = None
-    try:
-        fn = case.make()
-        timing = measure(fn, device, budget_s)
-        record["peak_bytes"], _ = peak_bytes(fn, device)
-        samples = case.batch * case.seq_len
-        record.update(
-            median_s=timing.median_s, p20_s=timing.p20_s, p80_s=timing.p80_s, reps=timing.reps,
-            throughput=samples / timing.median_s,
-            # The 20th percentile of throughput comes from the 80th percentile of time, and vice versa.
-            throughput_p20=samples / timing.p80_s, throughput_p80=samples / timing.p20_s,
-        )  # fmt: skip
-    except Exception as exc:  # one failing case must not lose a long sweep; it is reported instead
-        record.update(status="oom" if _is_oom(exc) else "error", error=f"{type(exc).__name__}: {exc}")
-    finally:
-        del fn
-        if device.type == "cuda":
-            gc.collect()
-            torch.cuda.empty_cache()
-    return record
+
+
+def _fill(record: dict[str, Any], timing: Timing) -> None:
+    samples = record["batch"] * record["seq_len"]
+    record.update(
+        median_s=timing.median_s, p20_s=timing.p20_s, p80_s=timing.p80_s, reps=timing.reps,
+        throughput=samples / timing.median_s,
+        # The 20th percentile of throughput comes from the 80th percentile of time, and vice versa.
+        throughput_p20=samples / timing.p80_s, throughput_p80=samples / timing.p20_s,
+    )  # fmt: skip
+
+
+def _measure_all(cases: list[Case], device: torch.device, sweep: Sweep, progress: bool) -> list[dict[str, Any]]:
+    """Every case, ``sweep.rounds`` times over (pooling the samples of each); peak memory in the last round.
+
+    One round uses :func:`measure` (do_bench on CUDA). A case that fails (out of memory, an error) is
+    recorded as such and not retried; the sweep goes on.
+    """
+    records = [_empty_record(c) for c in cases]
+    pooled: list[list[float]] = [[] for _ in cases]
+    rounds, budget = sweep.rounds, sweep.budget_s / sweep.rounds
+    with _progress(progress, len(cases) * rounds) as advance:
+        for r in range(rounds):
+            for case, record, times in zip(cases, records, pooled):
+                advance(f"{case.workload} {case.system['label']} B={case.batch} {case.dtype} ({r + 1}/{rounds})")
+                if record["status"] != "ok":
+                    continue
+                fn = None
+                try:
+                    fn = case.make()
+                    if rounds == 1:
+                        _fill(record, measure(fn, device, budget))
+                    else:
+                        times += sample(fn, device, budget, min_reps=-(-3 // rounds))
+                    if r == rounds - 1:
+                        record["peak_bytes"], _ = peak_bytes(fn, device)
+                except Exception as exc:  # one failing case must not lose a long sweep; it is reported instead
+                    record.update(status="oom" if _is_oom(exc) else "error", error=f"{type(exc).__name__}: {exc}")
+                finally:
+                    del fn
+                    if device.type == "cuda":
+                        gc.collect()
+                        torch.cuda.empty_cache()
+    if rounds > 1:
+        for record, times in zip(records, pooled):
+            if record["status"] == "ok":
+                _fill(record, summarise(times))
+    return records
+
+
+@contextlib.contextmanager
+def _progress(show: bool, total: int) -> Iterator[Callable[[str], None]]:
+    """A callable announcing the next step: a rich progress bar, or nothing."""
+    if not show:
+        yield lambda description: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task("benchmark", total=total)
+        started = [False]
+
+        def advance(description: str) -> None:
+            if started[0]:
+                bar.advance(task)
+            started[0] = True
+            bar.update(task, description=description)
+
+        yield advance
 
 
 def _reference_label(record: dict[str, Any], best_backend: str) -> str:
@@ -198,7 +249,7 @@ def run_bench(
     cases = plan(sweep, device, passing)
     if not gtrxl_gate.passed:
         cases = [c for c in cases if c.system["mode"] != "kv_cache"]
-    records = list(_iterate(cases, device, sweep.budget_s, progress))
+    records = _measure_all(cases, device, sweep, progress)
     add_ratios(records, "triton" if "triton" in passing else "reference")
 
     systems = {c.system["label"]: c.system for c in cases}
@@ -212,7 +263,7 @@ def run_bench(
         device=device_info,
         versions=versions(),
         config=sweep.as_dict(),
-        timing_method=describe_method(device),
+        timing_method=describe_method(device, sweep.rounds),
         memory_method=CUDA_METHOD if device.type == "cuda" else CPU_METHOD,
         backends=passing,
         gates=[g.as_dict() for g in gates],
@@ -221,19 +272,3 @@ def run_bench(
         results=records,
         elapsed_s=time.perf_counter() - started,
     )
-
-
-def _iterate(cases: list[Case], device: torch.device, budget_s: float, progress: bool) -> Iterable[dict[str, Any]]:
-    if not progress:
-        for case in cases:
-            yield _run_case(case, device, budget_s)
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, transient=True) as bar:
-        task = bar.add_task("benchmark", total=len(cases))
-        for case in cases:
-            bar.update(task, description=f"{case.workload} {case.system['label']} B={case.batch} {case.dtype}")
-            yield _run_case(case, device, budget_s)
-            bar.advance(task)

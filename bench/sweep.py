@@ -27,7 +27,8 @@ class Sweep:
     seq_len: int = 128  # T of the training and recurrence workloads
     input_dim: int = 64
     done_prob: float = 0.01
-    budget_s: float = 0.3  # seconds of repetitions per measurement (after warm-up)
+    budget_s: float = 0.3  # seconds of repetitions per measurement (after warm-up), over all rounds
+    rounds: int = 1  # the sweep is timed this many times over, each case's samples pooled (see timing.py)
     systems: tuple[str, ...] = ()  # substrings of system names to keep; empty keeps all
     seed: int = 0
 
@@ -43,6 +44,7 @@ class Sweep:
         presets: list[str] | None = None,
         seq_len: int | None = None,
         budget_s: float | None = None,
+        rounds: int | None = None,
     ) -> Sweep:
         """This sweep with the command line's selections applied."""
         changes: dict[str, Any] = {}
@@ -75,9 +77,13 @@ class Sweep:
             if budget_s <= 0:
                 raise ValueError(f"--budget: expected a positive number of seconds, got {budget_s}")
             changes["budget_s"] = budget_s
+        if rounds is not None:
+            if rounds < 1:
+                raise ValueError(f"--rounds: expected a positive int, got {rounds}")
+            changes["rounds"] = rounds
         if not changes:
             return self
-        structural = set(changes) - {"budget_s"}
+        structural = set(changes) - {"budget_s", "rounds"}
         return replace(self, mode=self.mode if not structural else f"{self.mode}+custom", **changes)
 
     def keeps(self, name: str) -> bool:
@@ -109,6 +115,7 @@ def default_sweep(device: torch.device, full: bool = False) -> Sweep:
             presets=tuple(ALL_PRESETS),
             dtypes=("float32",),
             budget_s=1.0,
+            rounds=3,
         )
     # The quick CPU sweep is what the README reports: every system at the paper's size at three rollout
     # batch sizes, one training batch and the recurrence at every preset's shape, in < 3 minutes on 2 cores.
@@ -122,4 +129,5 @@ def default_sweep(device: torch.device, full: bool = False) -> Sweep:
         presets=tuple(ALL_PRESETS),
         dtypes=("float32",),
         budget_s=0.3,
+        rounds=3,
     )

@@ -19,7 +19,7 @@ from bench.__main__ import main
 from bench.gate import gate_gtrxl, gate_recurrence
 from bench.memory import peak_bytes
 from bench.sweep import default_sweep
-from bench.timing import _summarise
+from bench.timing import summarise
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_DOC = ROOT / "bench" / "results" / "README.md"
@@ -75,6 +75,7 @@ def test_run_writes_the_documented_json(tiny_run):
     assert stored["versions"]["torch"] == torch.__version__
     assert stored["versions"]["python"] == sys.version.split()[0]
     assert stored["config"]["seq_len"] == 3 and stored["config"]["gtrxl_memories"] == [3]
+    assert stored["config"]["rounds"] == 3 and "3 rounds" in stored["timing_method"]
     assert stored["note"] == "test run" and "--note" not in stored["command"]
     assert stored["command"].startswith("python -m bench --batch 2 --seq-len 3")
     load = stored["device"]["load_average"]
@@ -93,6 +94,7 @@ def test_run_measures_every_case(tiny_run):
     for r in results:
         assert r["status"] == "ok", r
         assert 0 < r["p20_s"] <= r["median_s"] <= r["p80_s"]
+        assert r["reps"] >= 3  # pooled over the CPU sweep's rounds
         assert r["throughput"] == pytest.approx(r["batch"] * r["seq_len"] / r["median_s"])
         assert r["peak_bytes"] is not None and r["peak_bytes"] > 0
         assert r["ratio"] is not None
@@ -166,7 +168,7 @@ def test_cpu_peak_memory_is_exact_for_known_allocations():
 
 
 def test_timing_summary_orders_quantiles():
-    t = _summarise([5.0, 1.0, 3.0, 2.0, 4.0])
+    t = summarise([5.0, 1.0, 3.0, 2.0, 4.0])
     assert (t.p20_s, t.median_s, t.p80_s, t.reps) == (pytest.approx(1.8), 3.0, pytest.approx(4.2), 5)
 
 
@@ -188,3 +190,24 @@ def test_micro_benchmarks_are_not_collected_by_default():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert config["tool"]["pytest"]["ini_options"]["testpaths"] == ["tests"]
     assert sorted(p.name for p in (ROOT / "bench").glob("test_*.py"))  # they exist, outside tests/
+
+
+def test_a_failing_case_is_recorded_and_the_sweep_goes_on():
+    sweep = default_sweep(torch.device("cpu")).narrowed(budget_s=0.001, rounds=2)
+    system = dict(name="x", label="x", family="lstm", mode=None, backend=None, state_bytes_per_env=0)
+
+    def out_of_memory():
+        raise RuntimeError("CPU out of memory (tried to allocate 1 TiB)")
+
+    def broken():
+        raise ValueError("bad shape")
+
+    cases = [
+        bench_run.Case("inference", system, "float32", 1, 1, out_of_memory),
+        bench_run.Case("inference", system, "float32", 2, 1, broken),
+        bench_run.Case("inference", system, "float32", 3, 1, lambda: lambda: torch.ones(3).sum()),
+    ]
+    records = bench_run._measure_all(cases, torch.device("cpu"), sweep, progress=False)
+    assert [r["status"] for r in records] == ["oom", "error", "ok"]
+    assert "bad shape" in records[1]["error"] and records[1]["median_s"] is None
+    assert records[2]["reps"] >= 2 and records[2]["throughput"] > 0
