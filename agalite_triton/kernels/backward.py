@@ -215,7 +215,7 @@ def recurrence_backward(
     ``checkpoints`` come from ``recurrence_forward(..., save_checkpoints=True)`` on the same inputs;
     the state dtype is theirs. Projection gradients are contiguous in the input dtype.
     """
-    if checkpoints.numel() == 0:
+    if checkpoints.dim() != 3:
         raise RuntimeError("recurrence_backward: the forward ran without save_checkpoints=True")
     batch, steps, heads, dim = keys.shape
     eta = p1.shape[-1]
@@ -233,6 +233,8 @@ def recurrence_backward(
     grads = [new_output((batch, steps, heads, dim), dtype, device) for _ in range(5)]
     grads += [new_output((batch, steps, heads, eta), dtype, device) for _ in range(3)]
     grads += [new_output(shape, sdt, device) for shape in state_shapes]
+    if batch * heads == 0:  # an empty grid is not a valid launch
+        return grads
     E = eta * dim
     _backward_kernel[(batch * heads,)](
         keys, queries, values, beta, gamma, p1, p2, p3, done_f,

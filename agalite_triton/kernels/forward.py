@@ -184,6 +184,8 @@ def recurrence_forward(
     tv_out = new_output(tuple(tilde_v.shape), sdt, device)
     s_out = new_output(tuple(s.shape), sdt, device)
     ckpt = checkpoint_buffer(dims, sdt, device, save_checkpoints)
+    if dims.batch * dims.heads == 0:  # an empty grid is not a valid launch
+        return out, tk_out, tv_out, s_out, ckpt
     _forward_kernel[(dims.batch * dims.heads,)](
         keys, queries, values, beta, gamma, p1, p2, p3, done_f,
         tilde_k, tilde_v, s, tick_residue_of(tick, dims.r), table_for(dims.r, device),
@@ -200,7 +202,8 @@ def recurrence_forward(
 
 
 def checkpoint_buffer(dims: Dims, dtype: torch.dtype, device: torch.device, save: bool) -> torch.Tensor:
-    """Checkpoints are read back in full by the backward (padding included), so no poisoning here."""
+    """Checkpoints are read back in full by the backward (padding included), so no poisoning here.
+    Without ``save`` a 1-D empty tensor stands in (the backward tells the two apart by rank)."""
     if not save:
         return torch.empty(0, dtype=dtype, device=device)
     return torch.empty(dims.batch * dims.heads, dims.num_chunks, dims.state_pad, dtype=dtype, device=device)

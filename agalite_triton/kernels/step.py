@@ -120,6 +120,8 @@ def step_forward(
             tk_out, tv_out, s_out = (new_output(tuple(x.shape), sdt, device) for x in (tilde_k, tilde_v, s))
     done_f = dones.to(sdt).contiguous() if dones is not None else keys.new_empty(0, dtype=sdt)
     out = new_output((batch, heads, dim), keys.dtype, device)
+    if batch * heads == 0:  # an empty grid is not a valid launch
+        return out, tk_out, tv_out, s_out
     _step_kernel[(batch * heads,)](
         keys, queries, values, beta, gamma, p1, p2, p3, done_f,
         tilde_k, tilde_v, s, tk_out, tv_out, s_out,
