@@ -31,6 +31,15 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device.type, dtype=dtype)
 
 
+def _random_inputs(
+    lead: tuple[int, int], input_dim: int, done_prob: float, seed: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Observations (*lead, input_dim) ~ N(0, 1) and dones (*lead) with probability ``done_prob``."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(*lead, input_dim, generator=gen)
+    return x.to(device), (torch.rand(*lead, generator=gen) < done_prob).to(device)
+
+
 def inference_step(
     module: nn.Module,
     batch: int,
@@ -40,9 +49,7 @@ def inference_step(
     done_prob: float,
     seed: int = 0,
 ) -> Callable[[], None]:
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    xs = torch.randn(POOL, batch, input_dim, generator=gen).to(device)
-    dones = (torch.rand(POOL, batch, generator=gen) < done_prob).to(device)
+    xs, dones = _random_inputs((POOL, batch), input_dim, done_prob, seed, device)
     module.eval()
     with torch.inference_mode():
         holder = [module.initial_state(batch, device)]
@@ -73,9 +80,7 @@ def training_step(
     done_prob: float,
     seed: int = 0,
 ) -> Callable[[], None]:
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randn(batch, seq_len, input_dim, generator=gen).to(device)
-    dones = (torch.rand(batch, seq_len, generator=gen) < done_prob).to(device)
+    x, dones = _random_inputs((batch, seq_len), input_dim, done_prob, seed, device)
     state = training_state(module, batch, device, seed)
     module.train()
 

@@ -3,7 +3,7 @@
 Each layer is the gated, identity-map-reordered Transformer-XL layer:
 
     Y  = RelMHA(LN([sg(M), E]))          relative positions, learnable u / v biases (Dai et al. 2019)
-    E' = g1(E, relu(Y))                  GRU-type gate, bias b_g = 2
+    E' = g1(E, relu(Y))                  GRU-type gate, bias b_g = 2 (the package's GRUGatingUnit)
     E''= g2(E', relu(FFN(LN(E'))))
 
 with a memory ``M`` of the layer's last ``memory`` inputs, carried without gradient. Attention scores
@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gru_gate import GRUGate
+from agalite_triton import GRUGatingUnit
+
 from .inputs import as_sequence
 from .relative_position import sinusoid
 
@@ -89,11 +90,11 @@ class GTrXLLayer(nn.Module):
         self.u = nn.Parameter(torch.randn(n_heads, d_head) * 0.02)  # content bias
         self.v = nn.Parameter(torch.randn(n_heads, d_head) * 0.02)  # position bias
         self.out = nn.Linear(inner, d_model, bias=False)
-        self.gate1 = GRUGate(d_model, gate_bias)
+        self.gate1 = GRUGatingUnit(d_model, gate_bias)
         self.ln2 = nn.LayerNorm(d_model)
         self.ff_in = nn.Linear(d_model, d_ff)
         self.ff_out = nn.Linear(d_ff, d_model)
-        self.gate2 = GRUGate(d_model, gate_bias)
+        self.gate2 = GRUGatingUnit(d_model, gate_bias)
 
     def _after_attention(self, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         y = self.gate1(h, F.relu(self.out(attn)))
