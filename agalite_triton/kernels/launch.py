@@ -4,8 +4,11 @@ output allocation.
 Warp counts are fixed from the size of the largest register tile (tilde_k, R_PAD*ETA_PAD*D_PAD fp32
 values per program) rather than autotuned: the one-step kernel updates live state in place, where an
 autotuner re-running the kernel would corrupt it, and no GPU was available to tune the sequence
-kernels. About 8-16 fp32 values of each state tile per thread keeps the forward free of spills on
-current GPUs; the backward holds roughly three such tiles at once and gets twice the warps.
+kernels. The counts were chosen from ptxas register/spill reports for sm_90 (compiled without a GPU):
+the forward and step kernels use 64-125 registers and never spill at these counts; the backward holds
+about three state tiles plus temporaries and is spill-free at the paper size (R=2, eta=4, D=64: 8 warps,
+246 registers), spills a few bytes up to 2048-value tiles, and spills heavily beyond (e.g. R=8, eta=4,
+D=128), where splitting R or E across programs would be the next step.
 """
 
 from __future__ import annotations
@@ -69,8 +72,9 @@ class Dims:
 
     def num_warps(self, backward: bool = False) -> int:
         tile = self.r_pad * self.eta_pad * self.d_pad
-        warps = 1 if tile <= 256 else 2 if tile <= 512 else 4 if tile <= 2048 else 8
-        return min(16, warps * 2) if backward else warps
+        if backward:
+            return 4 if tile <= 256 else 8 if tile <= 2048 else 16
+        return 1 if tile <= 256 else 2 if tile <= 512 else 4 if tile <= 2048 else 8
 
 
 def dims_of(keys: torch.Tensor, eta: int, r: int) -> Dims:
