@@ -14,6 +14,7 @@ README = (ROOT / "README.md").read_text()
 
 
 def _blocks(lang: str) -> list[str]:
+    # Fragments that cannot run alone are fenced as ```python notest and are not collected here.
     return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
 
 
