@@ -107,14 +107,10 @@ def agalite_recurrence(
     if chosen == "triton":
         from .kernels import triton_recurrence
 
-        out, final = triton_recurrence(
-            keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick, eps=eps
-        )
-        if final_out is not None:
-            for dst, src in zip(final_out, final):
-                dst.copy_(src)
-            final = final_out
-        return out, final
+        return triton_recurrence(
+            keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick,
+            eps=eps, final_out=final_out,
+        )  # fmt: skip
     return reference_recurrence(
         keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick,
         eps=eps, final_out=final_out,

@@ -97,15 +97,16 @@ def _backward_kernel(
             off_e = b * se_b + t * se_t + h * se_h
             k = load_vec(k_ptr + off_d, offs_d, mask_d, ACC)
             v = load_vec(v_ptr + off_d, offs_d, mask_d, ACC)
-            bgate = sigmoid(load_vec(beta_ptr + off_d, offs_d, mask_d, ACC))
+            beta_logit = load_vec(beta_ptr + off_d, offs_d, mask_d, ACC)
+            bgate, bgate_c = sigmoid(beta_logit), sigmoid(-beta_logit)
             gam = load_vec(gamma_ptr + off_d, offs_d, mask_d, ACC)
             p1 = load_vec(p1_ptr + off_e, offs_n, mask_n, ACC)
             p3 = load_vec(p3_ptr + off_e, offs_n, mask_n, ACC)
             keep = 1.0
             if HAS_DONES:
                 keep = 1.0 - tl.load(done_ptr + b * T + t).to(ACC)
-            key, gate = key_features(k, gam, p1, p3, mask_nd)
-            tk, tv, s = advance(tk, tv, s, key, gate, v, bgate, keep, c)
+            key, gate, gate_c = key_features(k, gam, p1, p3, mask_nd)
+            tk, tv, s = advance(tk, tv, s, key, gate, gate_c, v, bgate, bgate_c, keep, c)
         # Scratch was written by other threads of this program: make it visible before reading.
         tl.debug_barrier()
 
@@ -119,7 +120,8 @@ def _backward_kernel(
             k = load_vec(k_ptr + off_d, offs_d, mask_d, ACC)
             q = load_vec(q_ptr + off_d, offs_d, mask_d, ACC)
             v = load_vec(v_ptr + off_d, offs_d, mask_d, ACC)
-            bgate = sigmoid(load_vec(beta_ptr + off_d, offs_d, mask_d, ACC))
+            beta_logit = load_vec(beta_ptr + off_d, offs_d, mask_d, ACC)
+            bgate, bgate_c = sigmoid(beta_logit), sigmoid(-beta_logit)
             gam = load_vec(gamma_ptr + off_d, offs_d, mask_d, ACC)
             p1 = load_vec(p1_ptr + off_e, offs_n, mask_n, ACC)
             p2 = load_vec(p2_ptr + off_e, offs_n, mask_n, ACC)
@@ -129,9 +131,9 @@ def _backward_kernel(
             keep = 1.0
             if HAS_DONES:
                 keep = 1.0 - tl.load(done_ptr + b * T + t).to(ACC)
-            key, gate = key_features(k, gam, p1, p3, mask_nd)
+            key, gate, gate_c = key_features(k, gam, p1, p3, mask_nd)
             query = query_features(q, p2)
-            tk, tv, s = advance(tk_prev, tv_prev, s_prev, key, gate, v, bgate, keep, c)
+            tk, tv, s = advance(tk_prev, tv_prev, s_prev, key, gate, gate_c, v, bgate, bgate_c, keep, c)
             out, score, den = readout(tk, tv, s, query, two_r, eps)
 
             # Read-out adjoints.
@@ -149,7 +151,7 @@ def _backward_kernel(
             dvin = tl.sum(c[:, None] * g_tv, axis=0)
             dav = tl.sum(g_tv * tv_prev, axis=0)
 
-            # Feature maps: kin = G K, ak = (1 - G) keep, vin = b v, av = (1 - b) keep.
+            # Feature maps: kin = G K, ak = (1 - G) keep, vin = b v, av = (1 - b) keep (d(1 - G) = -dG).
             dgate = dkin * key - keep * dak
             dkey = dkin * gate
             relu_k = tl.maximum(k, 0.0)
@@ -162,10 +164,11 @@ def _backward_kernel(
             dp1 = tl.where(p1 > 0, tl.sum(dkey * relu_k[None, :], axis=1), 0.0)
             dq = tl.where(q > 0, tl.sum(dquery * relu_p2[:, None], axis=0), 0.0)
             dp2 = tl.where(p2 > 0, tl.sum(dquery * relu_q[None, :], axis=1), 0.0)
-            dgam = tl.sum(dgate * sig_p3[:, None], axis=0) * sig_g * (1.0 - sig_g)
-            dp3 = tl.sum(dgate * sig_g[None, :], axis=1) * sig_p3 * (1.0 - sig_p3)
+            # sigma'(x) as sigma(x) sigma(-x): y (1 - y) keeps few correct digits once y nears 1.
+            dgam = tl.sum(dgate * sig_p3[:, None], axis=0) * sig_g * sigmoid(-gam)
+            dp3 = tl.sum(dgate * sig_g[None, :], axis=1) * sig_p3 * sigmoid(-p3)
             dbg = dvin * v - keep * dav
-            dbeta = dbg * bgate * (1.0 - bgate)
+            dbeta = dbg * bgate * bgate_c
             dv = dvin * bgate
 
             o_d = ((b * T + t) * H + h) * D + offs_d
@@ -180,9 +183,9 @@ def _backward_kernel(
             tl.store(dp3_ptr + o_e, dp3.to(dp3_ptr.dtype.element_ty), mask=mask_n)
 
             # Carry to step t - 1: the adjoint reaching h_{t-1} through this step's decay.
-            ak = (1.0 - gate) * keep
+            ak = gate_c * keep
             g_tk = ak[None, :, :] * g_tk
-            g_tv = ((1.0 - bgate) * keep)[None, :] * g_tv
+            g_tv = (bgate_c * keep)[None, :] * g_tv
             g_s = ak * g_s
         # The next chunk overwrites the scratch this one just read.
         tl.debug_barrier()

@@ -58,7 +58,8 @@ def _step_kernel(
     k = load_vec(k_ptr + off_d, offs_d, mask_d, ACC)
     q = load_vec(q_ptr + off_d, offs_d, mask_d, ACC)
     v = load_vec(v_ptr + off_d, offs_d, mask_d, ACC)
-    bgate = sigmoid(load_vec(beta_ptr + off_d, offs_d, mask_d, ACC))
+    beta_logit = load_vec(beta_ptr + off_d, offs_d, mask_d, ACC)
+    bgate, bgate_c = sigmoid(beta_logit), sigmoid(-beta_logit)
     gam = load_vec(gamma_ptr + off_d, offs_d, mask_d, ACC)
     p1 = load_vec(p1_ptr + off_e, offs_n, mask_n, ACC)
     p2 = load_vec(p2_ptr + off_e, offs_n, mask_n, ACC)
@@ -66,8 +67,8 @@ def _step_kernel(
     keep = 1.0
     if HAS_DONES:
         keep = 1.0 - tl.load(done_ptr + b).to(ACC)
-    key, gate = key_features(k, gam, p1, p3, mask_nd)
-    tk, tv, s = advance(tk, tv, s, key, gate, v, bgate, keep, c)
+    key, gate, gate_c = key_features(k, gam, p1, p3, mask_nd)
+    tk, tv, s = advance(tk, tv, s, key, gate, gate_c, v, bgate, bgate_c, keep, c)
     o, _score, _den = readout(tk, tv, s, query_features(q, p2), 2.0 * R, eps)
     tl.store(out_ptr + (b * H + h) * D + offs_d, o.to(out_ptr.dtype.element_ty), mask=mask_d)
     # In place, every thread must have read its state before any thread overwrites it.

@@ -29,10 +29,15 @@ def load_vec(ptr, offs, mask, ACC: tl.constexpr):
 
 @triton.jit
 def key_features(k, gam, p1, p3, mask_nd):
-    """K = relu(p1) (x) relu(k) and G = sigma(p3) (x) sigma(gamma), masked to 0 in padding."""
+    """K = relu(p1) (x) relu(k), G = sigma(p3) (x) sigma(gamma) and 1 - G, masked to 0 / 1 in padding.
+
+    1 - G is formed as sigma(-p3) + sigma(p3) sigma(-gamma), the same function without the cancellation
+    that leaves few correct digits as G nears 1 (as the reference does)."""
     key = tl.maximum(p1, 0.0)[:, None] * tl.maximum(k, 0.0)[None, :]
-    gate = tl.where(mask_nd, sigmoid(p3)[:, None] * sigmoid(gam)[None, :], 0.0)
-    return key, gate
+    sig_p3 = sigmoid(p3)
+    gate = tl.where(mask_nd, sig_p3[:, None] * sigmoid(gam)[None, :], 0.0)
+    gate_c = tl.where(mask_nd, sigmoid(-p3)[:, None] + sig_p3[:, None] * sigmoid(-gam)[None, :], 1.0)
+    return key, gate, gate_c
 
 
 @triton.jit
@@ -41,12 +46,13 @@ def query_features(q, p2):
 
 
 @triton.jit
-def advance(tk, tv, s, key, gate, v, bgate, keep, c):
-    """One step of the three discounted sums; ``c`` [R_PAD] are the oscillator coefficients."""
+def advance(tk, tv, s, key, gate, gate_c, v, bgate, bgate_c, keep, c):
+    """One step of the three discounted sums; ``c`` [R_PAD] are the oscillator coefficients and
+    ``gate_c`` / ``bgate_c`` the complements 1 - G and 1 - b = sigma(-beta)."""
     kin = gate * key
-    ak = (1.0 - gate) * keep
+    ak = gate_c * keep
     tk = ak[None, :, :] * tk + c[:, None, None] * kin[None, :, :]
-    tv = ((1.0 - bgate) * keep)[None, :] * tv + c[:, None] * (bgate * v)[None, :]
+    tv = (bgate_c * keep)[None, :] * tv + c[:, None] * (bgate * v)[None, :]
     s = ak * s + kin
     return tk, tv, s
 

@@ -18,6 +18,26 @@ from .discounted_sum import discounted_sum
 __all__ = ["feature_maps", "reference_recurrence"]
 
 
+class _SigmoidPair(torch.autograd.Function):
+    """``(sigma(x), sigma(-x))`` with the derivative ``sigma(x) sigma(-x)``: torch's ``y (1 - y)`` keeps
+    few correct digits once ``y`` nears 1, which is where a gate's gradient matters most."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pos, neg = torch.sigmoid(x), torch.sigmoid(-x)
+        ctx.save_for_backward(pos, neg)
+        return pos, neg
+
+    @staticmethod
+    def backward(ctx, grad_pos: torch.Tensor, grad_neg: torch.Tensor) -> torch.Tensor:
+        pos, neg = ctx.saved_tensors
+        return (grad_pos - grad_neg) * (pos * neg)
+
+
+def sigmoid_pair(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _SigmoidPair.apply(x)
+
+
 def _col(x: torch.Tensor) -> torch.Tensor:
     return x.unsqueeze(-1)
 
@@ -77,21 +97,24 @@ def reference_recurrence(
     # Every (H, E) feature is an outer product eta x D of small factors; multiplying the factors first
     # and expanding once saves three full passes over (B, T, H, E) per call (the products associate
     # differently from the original's, a rounding-level difference).
-    sig_p3, sig_g = torch.sigmoid(p3), torch.sigmoid(gamma)
+    sig_p3, sig_np3 = sigmoid_pair(p3)
+    sig_g, sig_ng = sigmoid_pair(gamma)
+    sig_b, sig_nb = sigmoid_pair(beta)
     key_a, key_b = sig_p3 * F.relu(p1), sig_g * F.relu(keys)  # gamma-hat * K = (key_a (x) key_b)
     q_feat = _outer(F.relu(p2), F.relu(queries))  # (B,T,H,E)
-    # keep * (1 - gamma-hat) as keep - outer(keep * sigma(p3), sigma(gamma)): two-operand broadcasts only
-    # (a three-operand broadcast defeats TensorIterator's vectorisation on CPU).
-    b_gate = torch.sigmoid(beta)  # (B,T,H,D)
+    # The decays 1 - sigma(p3) sigma(gamma) and 1 - sigma(beta), written as
+    # sigma(-p3) + sigma(p3) sigma(-gamma) and sigma(-beta): the same function without the cancellation
+    # that leaves 1 - G with few correct digits as a gate nears 1 (the original computes 1 - G in float32).
     if dones is None:
-        decay_k = 1 - _outer(sig_p3, sig_g)  # (B,T,H,E)
-        decay_v = 1 - b_gate
+        decay_k = (_col(sig_p3) * _row(sig_ng)).add_(_col(sig_np3)).flatten(-2)  # (B,T,H,E)
+        decay_v = sig_nb
     else:
         keep = (1 - dones.to(compute)).view(batch, steps, 1, 1)
-        decay_k = keep - _outer(keep * sig_p3, sig_g)
-        decay_v = keep - keep * b_gate
+        keep_e = keep.unsqueeze(-1)
+        decay_k = (_col(keep * sig_p3) * _row(sig_ng)).add_(keep_e * _col(sig_np3)).flatten(-2)
+        decay_v = keep * sig_nb
     k_in = _outer(key_a, key_b)  # (B,T,H,E)
-    v_in = b_gate * values
+    v_in = sig_b * values
 
     # With one step and a destination for the final state, the scans write straight into it: the
     # rollout hot path then never copies the state.
