@@ -56,3 +56,44 @@ def check_dones(name: str, dones: torch.Tensor, shape: Sequence[int], device: to
 
 def same_device(value: torch.Tensor | None, device: torch.device) -> bool:
     return value is None or value.device == device
+
+
+def check_recurrence_args(
+    keys: torch.Tensor,
+    queries: torch.Tensor,
+    values: torch.Tensor,
+    beta: torch.Tensor,
+    gamma: torch.Tensor,
+    p1: torch.Tensor,
+    p2: torch.Tensor,
+    p3: torch.Tensor,
+    dones: torch.Tensor | None,
+    tilde_k: torch.Tensor,
+    tilde_v: torch.Tensor,
+    s: torch.Tensor,
+    tick: torch.Tensor,
+    has_time: bool,
+) -> None:
+    """The recurrence's arguments, with a time axis (B, T, ...) or for one step (B, ...)."""
+    lead: tuple[str, ...] = ("B", "T") if has_time else ("B",)
+    check_tensor("keys", keys, shape=(*lead, "H", "D"), dtype=FLOAT_DTYPES)
+    *lead_sizes, heads, dim = keys.shape
+    device, dtype = keys.device, keys.dtype
+    for name, t in (("queries", queries), ("values", values), ("beta", beta), ("gamma", gamma)):
+        check_tensor(name, t, shape=(*lead_sizes, heads, dim), dtype=dtype, device=device)
+    check_tensor("p1", p1, shape=(*lead_sizes, heads, "eta"), dtype=dtype, device=device)
+    eta = p1.shape[-1]
+    for name, t in (("p2", p2), ("p3", p3)):
+        check_tensor(name, t, shape=(*lead_sizes, heads, eta), dtype=dtype, device=device)
+    if dones is not None:
+        check_dones("dones", dones, tuple(lead_sizes), device)
+    # The state is float32 whatever the input dtype; float64 inputs keep a float64 state (an oracle).
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    batch = lead_sizes[0]
+    check_tensor("tilde_k", tilde_k, shape=(batch, "R", heads, eta * dim), dtype=sdt, device=device)
+    r = tilde_k.shape[1]
+    if r < 1:
+        raise ValueError(f"tilde_k: expected R >= 1 approximation terms, got shape {tuple(tilde_k.shape)}")
+    check_tensor("tilde_v", tilde_v, shape=(batch, r, heads, dim), dtype=sdt, device=device)
+    check_tensor("s", s, shape=(batch, heads, eta * dim), dtype=sdt, device=device)
+    check_tensor("tick", tick, shape=(batch,), dtype=torch.int64, device=device)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import FLOAT_DTYPES, check_dones, check_tensor
+from ._validation import check_recurrence_args, check_tensor
 from .backend import resolve_backend
 from .reference import reference_recurrence
 
@@ -68,33 +68,18 @@ def agalite_recurrence(
     Returns:
         out (B, T, H, D) in the input dtype, and the final state ``(tilde_k, tilde_v, s)`` in float32.
     """
-    check_tensor("keys", keys, shape=("B", "T", "H", "D"), dtype=FLOAT_DTYPES)
+    check_recurrence_args(
+        keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick, has_time=True
+    )
     batch, steps, heads, dim = keys.shape
-    device, dtype = keys.device, keys.dtype
-    for name, t in (("queries", queries), ("values", values), ("beta", beta), ("gamma", gamma)):
-        check_tensor(name, t, shape=(batch, steps, heads, dim), dtype=dtype, device=device)
-    check_tensor("p1", p1, shape=(batch, steps, heads, "eta"), dtype=dtype, device=device)
-    eta = p1.shape[-1]
-    for name, t in (("p2", p2), ("p3", p3)):
-        check_tensor(name, t, shape=(batch, steps, heads, eta), dtype=dtype, device=device)
-    if dones is not None:
-        check_dones("dones", dones, (batch, steps), device)
-    # The state is float32 whatever the input dtype; float64 inputs keep a float64 state (an oracle).
-    sdt = torch.float64 if dtype == torch.float64 else torch.float32
-    check_tensor("tilde_k", tilde_k, shape=(batch, "R", heads, eta * dim), dtype=sdt, device=device)
-    r = tilde_k.shape[1]
-    if r < 1:
-        raise ValueError(f"tilde_k: expected R >= 1 approximation terms, got shape {tuple(tilde_k.shape)}")
-    check_tensor("tilde_v", tilde_v, shape=(batch, r, heads, dim), dtype=sdt, device=device)
-    check_tensor("s", s, shape=(batch, heads, eta * dim), dtype=sdt, device=device)
-    check_tensor("tick", tick, shape=(batch,), dtype=torch.int64, device=device)
+    device = keys.device
     if final_out is not None:
         if torch.is_grad_enabled():
             raise RuntimeError("final_out: only for inference; call under torch.no_grad() or torch.inference_mode()")
         if not isinstance(final_out, tuple) or len(final_out) != 3:
             raise TypeError(f"final_out: expected a tuple (tilde_k, tilde_v, s), got {type(final_out).__name__}")
         for name, buf, like in zip(("tilde_k", "tilde_v", "s"), final_out, (tilde_k, tilde_v, s)):
-            check_tensor(f"final_out.{name}", buf, shape=tuple(like.shape), dtype=sdt, device=device)
+            check_tensor(f"final_out.{name}", buf, shape=tuple(like.shape), dtype=like.dtype, device=device)
 
     chosen = resolve_backend(backend, device)
     if steps == 0:

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._validation import FLOAT_DTYPES, check_dones, check_tensor
+from .._validation import check_recurrence_args
 from .forward import load_state, store_state
 from .launch import acc_dtype, dims_of, new_output, same_strides, table_for, tick_residue_of
 from .step_math import advance, key_features, load_vec, oscillators, query_features, readout, sigmoid
@@ -195,25 +195,9 @@ def agalite_step_(
     Returns:
         The read-out (B, H, D) in the input dtype. Not differentiable.
     """
-    check_tensor("keys", keys, shape=("B", "H", "D"), dtype=FLOAT_DTYPES)
-    batch, heads, dim = keys.shape
-    device, dtype = keys.device, keys.dtype
-    for name, t in (("queries", queries), ("values", values), ("beta", beta), ("gamma", gamma)):
-        check_tensor(name, t, shape=(batch, heads, dim), dtype=dtype, device=device)
-    check_tensor("p1", p1, shape=(batch, heads, "eta"), dtype=dtype, device=device)
-    eta = p1.shape[-1]
-    for name, t in (("p2", p2), ("p3", p3)):
-        check_tensor(name, t, shape=(batch, heads, eta), dtype=dtype, device=device)
-    if dones is not None:
-        check_dones("dones", dones, (batch,), device)
-    sdt = torch.float64 if dtype == torch.float64 else torch.float32
-    check_tensor("tilde_k", tilde_k, shape=(batch, "R", heads, eta * dim), dtype=sdt, device=device)
-    r = tilde_k.shape[1]
-    if r < 1:
-        raise ValueError(f"tilde_k: expected R >= 1 approximation terms, got shape {tuple(tilde_k.shape)}")
-    check_tensor("tilde_v", tilde_v, shape=(batch, r, heads, dim), dtype=sdt, device=device)
-    check_tensor("s", s, shape=(batch, heads, eta * dim), dtype=sdt, device=device)
-    check_tensor("tick", tick, shape=(batch,), dtype=torch.int64, device=device)
+    check_recurrence_args(
+        keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick, has_time=False
+    )
     for name, t in (("tilde_k", tilde_k), ("tilde_v", tilde_v), ("s", s)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name}: updated in place, so its last dimension needs stride 1, got {t.stride()}")
