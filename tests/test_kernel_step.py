@@ -185,6 +185,28 @@ def test_model_single_steps_on_kernel_backend_match_sequence():
         assert rel_err(a, b) <= 1e-5
 
 
+def test_model_in_place_steps_on_kernel_backend_match_reference():
+    """model(x, state, dones, out=state): the kernels write the new memory over the one they read."""
+    ref, ker = tiny_model("reference", r=3), tiny_model("triton", r=3)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 5, 6, generator=g)
+    dones = torch.rand(3, 5, generator=g) < 0.3
+    start = ref.initial_state(3)
+    start = start._replace(tilde_k=torch.rand(start.tilde_k.shape, generator=g), tick=torch.tensor([1, 9, 2**40]))
+    with torch.no_grad():
+        y_seq, s_seq = ref(x, start, dones)
+        state, ys = start.clone(), []
+        for t in range(5):
+            y, returned = ker(x[:, t], state, dones[:, t], out=state)
+            assert returned is state
+            ys.append(y)
+        whole = start.clone()
+        y_whole, _ = ker(x, whole, dones, out=whole)
+    assert rel_err(torch.stack(ys, dim=1), y_seq) <= 1e-5 and rel_err(y_whole, y_seq) <= 1e-5
+    for a, b, c in zip(state, whole, s_seq):
+        assert rel_err(a, c) <= 1e-5 and rel_err(b, c) <= 1e-5
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_whole_model_step_is_cuda_graph_capturable():

@@ -215,8 +215,9 @@ def triton_recurrence(
     Returns out (B, T, H, D) in the input dtype and the final (tilde_k, tilde_v, s) in the state dtype.
     Without gradients a T = 1 call takes the one-step kernel; otherwise the sequence kernels run,
     keeping backward checkpoints only when autograd will need them. ``final_out`` (inference only,
-    buffers shaped like the state that do not alias it) receives and is returned as the final state;
-    the one-step kernel writes straight into it when its last dimension has unit stride.
+    buffers shaped like the state; they may be the state itself, since every program reads its whole
+    (b, h) slice before writing it) receives and is returned as the final state; the one-step kernel
+    writes straight into it when its last dimension has unit stride.
     """
     differentiable = (keys, queries, values, beta, gamma, p1, p2, p3, tilde_k, tilde_v, s)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
