@@ -52,10 +52,11 @@ def test_compiled_reference_model_matches_eager():
     dones = torch.tensor([[False, True], [False, False]])
     eager = run_model(model, x, dones)
     with torch.no_grad():
-        y, state = torch.compile(model)(x, model.initial_state(2), dones)
+        y, state = torch.compile(model, fullgraph=True)(x, model.initial_state(2), dones)
     assert_close_lists([y, *state[:3]], eager[:4], 1e-5)
     torch._dynamo.reset()
-    compiled = run_model(torch.compile(model, backend="aot_eager"), x, dones)
+    # fullgraph=True: the reference recurrence, its custom autograd Function included, traces whole.
+    compiled = run_model(torch.compile(model, backend="aot_eager", fullgraph=True), x, dones)
     assert_close_lists(compiled, eager, 1e-5)
 
 

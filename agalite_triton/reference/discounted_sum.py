@@ -21,37 +21,39 @@ def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 class _DiscountedSum(torch.autograd.Function):
+    # States live time-major, (T, B, *S), so that every step writes one contiguous slice: cheaper, and
+    # the only ``out=`` form that torch.compile traces without a graph break.
     @staticmethod
     def forward(ctx, x: torch.Tensor, a: torch.Tensor, h0: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         steps = x.shape[1]
-        states = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
+        states = x.new_empty((steps, *x.shape[:1], *x.shape[2:])) if out is None else out
         prev = h0
         for t in range(steps):
-            prev = torch.addcmul(x[:, t], a[:, t], prev, out=states[:, t])
+            prev = torch.addcmul(x[:, t], a[:, t], prev, out=states[t])
         ctx.save_for_backward(a, h0, states)
-        return states
+        return states.transpose(0, 1)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_states: torch.Tensor):
         a, h0, states = ctx.saved_tensors
-        steps = states.shape[1]
+        steps = states.shape[0]
         # g~_t = g_t + a_{t+1} g~_{t+1}: the gradient reaching h_t from every later step.
         acc = torch.empty_like(states)
-        nxt = acc[:, steps - 1]
+        nxt = acc[steps - 1]
         nxt.copy_(grad_states[:, steps - 1])
         for t in range(steps - 2, -1, -1):
-            nxt = torch.addcmul(grad_states[:, t], a[:, t + 1], nxt, out=acc[:, t])
-        grad_x = acc
+            nxt = torch.addcmul(grad_states[:, t], a[:, t + 1], nxt, out=acc[t])
+        grad_x = acc.transpose(0, 1)
         grad_a = grad_h0 = None
         if ctx.needs_input_grad[1]:
             # d a_t = g~_t * h_{t-1}, written in two pieces rather than concatenating h0 with the states.
             prod = torch.empty_like(acc)
-            torch.mul(acc[:, 1:], states[:, :-1], out=prod[:, 1:])
-            torch.mul(acc[:, 0], h0, out=prod[:, 0])
-            grad_a = _reduce_to(prod, a.shape)
+            torch.mul(acc[1:], states[:-1], out=prod[1:])
+            torch.mul(acc[0], h0, out=prod[0])
+            grad_a = _reduce_to(prod.transpose(0, 1), a.shape)
         if ctx.needs_input_grad[2]:
-            grad_h0 = _reduce_to(a[:, 0] * acc[:, 0], h0.shape)
+            grad_h0 = _reduce_to(a[:, 0] * acc[0], h0.shape)
         return grad_x, grad_a, grad_h0, None
 
 
@@ -61,8 +63,9 @@ def discounted_sum(
     """All states of ``h_t = a_t * h_{t-1} + x_t`` for t = 0..T-1.
 
     x: (B, T, *S); a: (B, T, *S') broadcastable to x; h0: (B, *S). Returns (B, T, *S), the state after
-    every step (the final state is ``[:, -1]``). All three must share one floating dtype. ``out``, a
-    (B, T, *S) buffer to write the states into, is for inference only (no autograd through it).
+    every step (the final state is ``[:, -1]``), a view of a time-major (T, B, *S) buffer. All three
+    must share one floating dtype. ``out``, a (T, B, *S) buffer to write the states into, is for
+    inference only (no autograd through it).
     """
     if out is not None and torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or h0.requires_grad):
         raise RuntimeError("out: a preallocated output cannot be used while gradients are recorded")

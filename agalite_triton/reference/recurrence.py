@@ -119,7 +119,7 @@ def reference_recurrence(
     # With one step and a destination for the final state, the scans write straight into it: the
     # rollout hot path then never copies the state.
     direct = final_out is not None and steps == 1 and compute == torch.float32
-    buf_k, buf_v, buf_s = (t.unsqueeze(1) for t in final_out) if direct else (None, None, None)
+    buf_k, buf_v, buf_s = (t.unsqueeze(0) for t in final_out) if direct else (None, None, None)
     osc = oscillator_coefficients(tick, steps, r).to(compute)  # (B,T,R)
     k_states = discounted_sum(osc[..., None, None] * k_in.unsqueeze(2), decay_k.unsqueeze(2), tilde_k, buf_k)
     s_states = discounted_sum(k_in, decay_k, s, buf_s)  # (B,T,H,E)
@@ -137,7 +137,9 @@ def reference_recurrence(
             for dst, src in zip(final_out, last):
                 dst.copy_(src)
         final = final_out
+    elif steps > 1:
+        # Copies, so that a returned state never pins the buffer of every step.
+        final = tuple(t.clone() for t in last)
     else:
-        # Copies (free when T == 1), so that a returned state never pins the buffer of every step.
-        final = tuple(t.contiguous() for t in last)
+        final = last
     return out.to(out_dtype), final
