@@ -2,12 +2,22 @@
 one-step rollout at B=1024 (in place with ``out=state``, and out of place) and forward + backward
 over B=16, T=128 from a stored state.
 
-``python -m bench.cpu_targets [--threads 2]`` prints medians (p20 / p80) from ``bench.timing``.
+``python -m bench.cpu_targets [--threads 2]`` times each workload in a fresh process, once with
+glibc's default malloc settings and once with ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``
+raised. Why both: glibc starts by serving every block over 128 KiB with a fresh mmap and adapts
+only to the largest block freed so far (up to 32 MiB). A process whose largest temporaries are
+a few MiB, like a pure rollout loop stepping in place, keeps returning them to the kernel and
+page-faulting them back every step. A process that has freed larger blocks, like one that has run a
+training update, is fast without any setting. Fresh processes make the figures independent of
+what ran before.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 
 import torch
 
@@ -17,52 +27,64 @@ from .environment import load_average, pin_threads
 from .timing import measure
 
 INPUT_DIM = 32
+CASES = ("rollout-in-place", "rollout-out-of-place", "train")
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
+
+
+def run_case(case: str) -> str:
+    """Time one workload in this process; returns one line of results."""
+    cpu = torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = AGaLiTe.from_preset("paper", INPUT_DIM, backend="reference")
+    if case.startswith("rollout"):
+        batch = 1024
+        x = torch.randn(batch, INPUT_DIM, generator=gen)
+        dones = torch.rand(batch, generator=gen) < 0.01
+        with torch.inference_mode():
+            holder = [model.initial_state(batch)]
+
+            def step() -> None:
+                if case == "rollout-in-place":
+                    model(x, holder[0], dones, out=holder[0])
+                else:
+                    _, holder[0] = model(x, holder[0], dones)
+
+            t = measure(step, cpu, budget_s=3.0)
+        n, unit = batch, "env-steps/s"
+    else:
+        batch, steps = 16, 128
+        xs = torch.randn(batch, steps, INPUT_DIM, generator=gen)
+        ds = torch.rand(batch, steps, generator=gen) < 0.01
+        st = model.initial_state(batch)
+        st = st._replace(tilde_k=torch.rand(st.tilde_k.shape, generator=gen), s=torch.rand(st.s.shape, generator=gen))
+
+        def train() -> None:
+            model.zero_grad(set_to_none=True)
+            y, _ = model(xs, st, ds)
+            y.square().mean().backward()
+
+        t = measure(train, cpu, budget_s=5.0)
+        n, unit = batch * steps, "samples/s"
+    return f"{n / t.median_s:,.0f} {unit} (p20 {n / t.p80_s:,.0f}, p80 {n / t.p20_s:,.0f})"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--case", choices=CASES, help="time one workload in this process (used internally)")
     args = parser.parse_args()
     threads = pin_threads(args.threads)
-    cpu = torch.device("cpu")
-    gen = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    model = AGaLiTe.from_preset("paper", INPUT_DIM, backend="reference")
+    if args.case:
+        print(run_case(args.case))
+        return
     print(f"torch {torch.__version__}, threads {threads}, load average at start {load_average()}")
-
-    batch = 1024
-    x = torch.randn(batch, INPUT_DIM, generator=gen)
-    dones = torch.rand(batch, generator=gen) < 0.01
-    with torch.inference_mode():
-        state = model.initial_state(batch)
-        holder = [state]
-
-        def out_of_place() -> None:
-            _, holder[0] = model(x, holder[0], dones)
-
-        def in_place() -> None:
-            model(x, state, dones, out=state)
-
-        for name, fn in (("out of place", out_of_place), ("in place (out=state)", in_place)):
-            t = measure(fn, cpu, budget_s=2.0)
-            print(f"rollout B={batch} {name}: {batch / t.median_s:,.0f} steps/s "
-                  f"(p20 {batch / t.p80_s:,.0f}, p80 {batch / t.p20_s:,.0f})")  # fmt: skip
-
-    batch, steps = 16, 128
-    xs = torch.randn(batch, steps, INPUT_DIM, generator=gen)
-    ds = torch.rand(batch, steps, generator=gen) < 0.01
-    st = model.initial_state(batch)
-    st = st._replace(tilde_k=torch.rand(st.tilde_k.shape, generator=gen), s=torch.rand(st.s.shape, generator=gen))
-
-    def train() -> None:
-        model.zero_grad(set_to_none=True)
-        y, _ = model(xs, st, ds)
-        y.square().mean().backward()
-
-    t = measure(train, cpu, budget_s=4.0)
-    n = batch * steps
-    print(f"train B={batch} T={steps}: {n / t.median_s:,.0f} samples/s "
-          f"(p20 {n / t.p80_s:,.0f}, p80 {n / t.p20_s:,.0f})")  # fmt: skip
+    for label, extra_env in (("glibc malloc defaults", {}), ("tuned malloc thresholds", TUNED_MALLOC)):
+        env = {k: v for k, v in os.environ.items() if k not in TUNED_MALLOC} | extra_env
+        for case in CASES:
+            cmd = [sys.executable, "-m", "bench.cpu_targets", "--threads", str(threads), "--case", case]
+            line = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout.strip()
+            print(f"{label:24s} {case:22s} {line}")
     print(f"load average at end {load_average()}")
 
 
