@@ -40,9 +40,23 @@ def _table_f64(r: int) -> tuple[tuple[float, ...], ...]:
     )
 
 
+_TABLES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
 def oscillator_table(r: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """(r, P) float32 table: ``table[j, n] = cos(n * omega_j)`` for the residue ``n = tick mod P``."""
-    return torch.tensor(_table_f64(r), dtype=torch.float32, device=device)
+    """(r, P) float32 table: ``table[j, n] = cos(n * omega_j)`` for the residue ``n = tick mod P``.
+
+    Cached per (r, device) and shared: read it, never write it. After the first call no host-to-device
+    copy happens, which keeps a rollout step free of them (a copy from pageable memory would also break
+    CUDA-graph capture)."""
+    key = (r, torch.device(device if device is not None else "cpu"))
+    table = _TABLES.get(key)
+    if table is None:
+        # A normal tensor even when first asked for under inference_mode, so autograd may use it later.
+        with torch.inference_mode(False):
+            table = torch.tensor(_table_f64(r), dtype=torch.float32, device=key[1])
+        _TABLES[key] = table
+    return table
 
 
 def tick_residue(tick: torch.Tensor, r: int) -> torch.Tensor:

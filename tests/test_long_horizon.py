@@ -33,17 +33,10 @@ import torch.nn.functional as F
 
 from agalite_triton import agalite_recurrence, kernels, oscillator_coefficients
 
+from .naive import exact_cos
+
 SLACK = 1e-5  # relative slack on the analytic bounds for float32 rounding
 INT64_MAX = 2**63 - 1
-
-
-def exact_phase(tick: int, r: int) -> list[float]:
-    """cos(tick * omega_j) for omega = linspace(-pi, pi, r), from Python integers and a float64 cosine."""
-    if r == 1:
-        numerators, den = [-1], 1
-    else:
-        numerators, den = [2 * j - (r - 1) for j in range(r)], r - 1
-    return [math.cos(math.pi * ((tick * m) % (2 * den)) / den) for m in numerators]
 
 
 BIG_TICKS = [10**6, 2**31 + 5, 2**40, 2**62 - 1, INT64_MAX, -(2**31) - 7, -(2**62) + 3, -(2**63)]
@@ -56,7 +49,7 @@ def test_phase_is_exact_at_huge_ticks(r):
     ticks = torch.tensor([t - 1 for t in BIG_TICKS if t - 1 >= -(2**63)], dtype=torch.int64)
     coef = oscillator_coefficients(ticks, 1, r)
     for b, tick in enumerate(ticks.tolist()):
-        want = torch.tensor(exact_phase(tick + 1, r), dtype=torch.float64)
+        want = torch.tensor(exact_cos(tick + 1, r), dtype=torch.float64)
         got = coef[b, 0].double()
         # The float64 cosine rounded once to float32: at most half an ulp of a number <= 1.
         assert torch.allclose(got, want, rtol=0, atol=2**-24), f"tick {tick + 1}, r={r}: {got} vs {want}"
@@ -67,7 +60,7 @@ def test_phase_of_a_call_crossing_the_top_of_int64(r):
     """Steps of one call up to tick 2**63 - 1: no intermediate overflows."""
     start = INT64_MAX - 20
     coef = oscillator_coefficients(torch.tensor([start]), 20, r)[0]
-    want = torch.tensor([exact_phase(start + t + 1, r) for t in range(20)], dtype=torch.float64)
+    want = torch.tensor([exact_cos(start + t + 1, r) for t in range(20)], dtype=torch.float64)
     assert torch.allclose(coef.double(), want, rtol=0, atol=2**-24)
 
 
@@ -76,7 +69,7 @@ def test_original_float32_phase_would_fail_this_check():
     r = 7
     omegas = torch.linspace(-math.pi, math.pi, r, dtype=torch.float32)
     naive = torch.cos(torch.tensor(float(2**31 + 5), dtype=torch.float32) * omegas).double()
-    exact = torch.tensor(exact_phase(2**31 + 5, r), dtype=torch.float64)
+    exact = torch.tensor(exact_cos(2**31 + 5, r), dtype=torch.float64)
     assert (naive - exact).abs().max() > 0.1
     assert torch.allclose(oscillator_coefficients(torch.tensor([2**31 + 4]), 1, r)[0, 0].double(), exact,
                           atol=2**-24, rtol=0)  # fmt: skip

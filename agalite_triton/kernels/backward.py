@@ -31,8 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..oscillator import oscillator_table, tick_residue
 from .forward import load_padded, store_padded, store_state
-from .launch import CHUNK, acc_dtype, dims_of, new_output, same_strides, table_for, tick_residue_of
+from .launch import CHUNK, acc_dtype, dims_of, new_output, same_strides
 from .step_math import advance, key_features, load_vec, oscillators, query_features, readout, sigmoid
 
 __all__ = ["recurrence_backward"]
@@ -241,7 +242,7 @@ def recurrence_backward(
     E = eta * dim
     _backward_kernel[(batch * heads,)](
         keys, queries, values, beta, gamma, p1, p2, p3, done_f,
-        tick_residue_of(tick, r), table_for(r, device), checkpoints, scratch,
+        tick_residue(tick, r), oscillator_table(r, device), checkpoints, scratch,
         grad_out, gtk, gtv, gs, *grads,
         steps, heads, dim, eta, r, dims.period, eps,
         keys.stride(0), keys.stride(1), keys.stride(2), p1.stride(0), p1.stride(1), p1.stride(2),

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..oscillator import oscillator_table, tick_residue
 from .launch import (
     CHUNK,
     Dims,
@@ -23,8 +24,6 @@ from .launch import (
     last_dim_contiguous,
     new_output,
     same_strides,
-    table_for,
-    tick_residue_of,
 )
 from .step_math import advance, key_features, load_vec, oscillators, query_features, readout, sigmoid
 
@@ -189,7 +188,7 @@ def recurrence_forward(
         return out, tk_out, tv_out, s_out, ckpt
     _forward_kernel[(dims.batch * dims.heads,)](
         keys, queries, values, beta, gamma, p1, p2, p3, done_f,
-        tilde_k, tilde_v, s, tick_residue_of(tick, dims.r), table_for(dims.r, device),
+        tilde_k, tilde_v, s, tick_residue(tick, dims.r), oscillator_table(dims.r, device),
         out, tk_out, tv_out, s_out, ckpt,
         dims.steps, dims.heads, dims.dim, dims.eta, dims.r, dims.period, eps,
         keys.stride(0), keys.stride(1), keys.stride(2), p1.stride(0), p1.stride(1), p1.stride(2),

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..oscillator import oscillator_period, oscillator_table
+from ..oscillator import oscillator_period
 
 __all__ = [
     "CHUNK",
@@ -30,8 +30,6 @@ __all__ = [
     "last_dim_contiguous",
     "new_output",
     "same_strides",
-    "table_for",
-    "tick_residue_of",
 ]
 
 # Steps between two forward-state checkpoints kept for the backward pass (see backward.py). The
@@ -89,25 +87,6 @@ def dims_of(keys: torch.Tensor, eta: int, r: int) -> Dims:
 def acc_dtype(dtype: torch.dtype) -> tl.dtype:
     """Accumulation dtype in-kernel: float64 inputs keep a float64 oracle path, all others fp32."""
     return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-_TABLES: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
-def table_for(r: int, device: torch.device) -> torch.Tensor:
-    """The (R, P) oscillator table on ``device``, cached so that a call after the first does no
-    host-to-device copy (a copy from pageable memory would break CUDA-graph capture)."""
-    key = (r, device)
-    table = _TABLES.get(key)
-    if table is None:
-        table = oscillator_table(r, device=device)
-        _TABLES[key] = table
-    return table
-
-
-def tick_residue_of(tick: torch.Tensor, r: int) -> torch.Tensor:
-    """``tick mod P`` as int64 (B,), on device: the kernels add t + 1 and wrap, exact for any tick."""
-    return torch.remainder(tick, oscillator_period(r))
 
 
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,9 @@ import triton
 import triton.language as tl
 
 from .._validation import check_recurrence_args
+from ..oscillator import oscillator_table, tick_residue
 from .forward import load_state, store_state
-from .launch import acc_dtype, dims_of, new_output, same_strides, table_for, tick_residue_of
+from .launch import acc_dtype, dims_of, new_output, same_strides
 from .step_math import advance, key_features, load_vec, oscillators, query_features, readout, sigmoid
 
 __all__ = ["agalite_step_", "step_forward"]
@@ -126,7 +127,7 @@ def step_forward(
     _step_kernel[(batch * heads,)](
         keys, queries, values, beta, gamma, p1, p2, p3, done_f,
         tilde_k, tilde_v, s, tk_out, tv_out, s_out,
-        tick_residue_of(tick, r), table_for(r, device), out,
+        tick_residue(tick, r), oscillator_table(r, device), out,
         heads, dim, eta, r, dims.period, eps,
         keys.stride(0), keys.stride(1), p1.stride(0), p1.stride(1),
         *_strides3(tilde_k), *_strides3(tilde_v), s.stride(0), s.stride(1),

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..oscillator import oscillator_coefficients
 from .discounted_sum import discounted_sum
 
-__all__ = ["feature_maps", "reference_recurrence"]
+__all__ = ["reference_recurrence", "sigmoid_pair"]
 
 
 class _SigmoidPair(torch.autograd.Function):
@@ -49,22 +49,6 @@ def _row(x: torch.Tensor) -> torch.Tensor:
 def _outer(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """(..., eta) x (..., D) -> (..., eta*D), eta-major."""
     return (_col(p) * _row(x)).flatten(-2)
-
-
-def feature_maps(
-    keys: torch.Tensor,
-    queries: torch.Tensor,
-    gamma: torch.Tensor,
-    p1: torch.Tensor,
-    p2: torch.Tensor,
-    p3: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eta-major outer-product features ``(..., H, eta*D)``: index ``n*D + i`` holds ``f(p[n]) g(x[i])``."""
-
-    k_feat = _outer(F.relu(p1), F.relu(keys))
-    q_feat = _outer(F.relu(p2), F.relu(queries))
-    g_feat = _outer(torch.sigmoid(p3), torch.sigmoid(gamma))
-    return k_feat, q_feat, g_feat
 
 
 def reference_recurrence(
