@@ -228,11 +228,11 @@ class AGaLiTe(nn.Module):
                 new_state = AGaLiTeState(*(torch.empty_like(t) for t in state.memories()), state.tick + steps)
             else:
                 new_state = out
-            tick = state.tick if out is not state else state.tick.clone()
             for i, layer in enumerate(self.layers):
-                h, _ = layer(h, dones, state.layer(i), tick, new_state.layer(i))
+                h, _ = layer(h, dones, state.layer(i), state.tick, new_state.layer(i))
             if out is not None:
-                torch.add(tick, steps, out=out.tick)
+                # After every layer has read the old tick, so that out may be state itself.
+                torch.add(state.tick, steps, out=out.tick)
         if single:
             return h.squeeze(1), new_state
         return (h if self.batch_first else h.transpose(0, 1)), new_state
