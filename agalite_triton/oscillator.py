@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import torch
 
-__all__ = ["oscillator_period", "oscillator_table", "oscillator_coefficients", "tick_residue"]
+__all__ = ["oscillator_period", "oscillator_table", "oscillator_coefficients", "step_residues", "tick_residue"]
 
 
 def _numerators(r: int) -> tuple[list[int], int]:
@@ -48,10 +48,24 @@ def oscillator_table(r: int, device: torch.device | str | None = None) -> torch.
 
     Cached per (r, device) and shared: read it, never write it. After the first call no host-to-device
     copy happens, which keeps a rollout step free of them (a copy from pageable memory would also break
-    CUDA-graph capture)."""
-    key = (r, torch.device(device if device is not None else "cpu"))
+    CUDA-graph capture).
+
+    Building the table is a host-to-device copy, which must not happen while a CUDA graph is being
+    captured (it would fail, or cache a tensor from the graph's private pool that is only filled when
+    the graph replays): such a first call raises. Call this function (or run one eager step, which also
+    compiles the kernels) for each r and device before capturing."""
+    dev = torch.device(device if device is not None else "cpu")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())  # one key per physical device
+    key = (r, dev)
     table = _TABLES.get(key)
     if table is None:
+        if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"oscillator_table(r={r}, device={dev}): the table is not built yet and a CUDA graph is being "
+                "captured; build it before capturing (call agalite_triton.oscillator.oscillator_table(r, device) "
+                "or run one eager step first)"
+            )
         # A normal tensor even when first asked for under inference_mode, so autograd may use it later.
         with torch.inference_mode(False):
             table = torch.tensor(_table_f64(r), dtype=torch.float32, device=key[1])
@@ -76,3 +90,36 @@ def oscillator_coefficients(tick: torch.Tensor, steps: int, r: int) -> torch.Ten
     residue = torch.remainder(tick_residue(tick, r).unsqueeze(-1) + steps_idx, period)
     table = oscillator_table(r, device=tick.device)
     return table.t()[residue]
+
+
+def step_residues(
+    tick: torch.Tensor,
+    steps: int,
+    r: int,
+    restart_index: torch.Tensor | None = None,
+    restart_tick: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, T) int64 in ``[0, P)``: ``(tick used by step t) mod P`` for every step of one call.
+
+    ``tick`` (B,) int64 is the tick before the call. Without restarts step t uses ``tick + t + 1``.
+    ``restart_index`` (B, T) int64 (-1: none; n >= 0: row n of the restart memories) and
+    ``restart_tick`` (N,) int64: where ``restart_index[b, t] = n``, the tick before step t is
+    ``restart_tick[n]``, so step t uses ``restart_tick[n] + 1`` and the steps after it count on from there.
+    Shared by the reference (which builds its coefficients from it) and the kernel launcher.
+    """
+    period = oscillator_period(r)
+    device = tick.device
+    t_idx = torch.arange(steps, device=device, dtype=torch.int64)
+    base = tick_residue(tick, r).unsqueeze(-1)  # (B, 1)
+    if restart_index is None:
+        return torch.remainder(base + (t_idx + 1), period).expand(tick.shape[0], steps)
+    # The last restart at or before each step, by a running maximum of restart positions (-1: none).
+    marked = torch.where(restart_index >= 0, t_idx, -1)
+    last = torch.cummax(marked, dim=1).values  # (B, T)
+    has = last >= 0
+    row = restart_index.gather(1, last.clamp(min=0))
+    # One zero appended, so that rows without a restart gather something valid even when N = 0.
+    start = torch.cat([tick_residue(restart_tick, r), restart_tick.new_zeros(1)])
+    start = torch.where(has, start[torch.where(has, row, start.shape[0] - 1)], base)
+    offset = torch.where(has, t_idx - last, t_idx) + 1
+    return torch.remainder(start + offset, period)

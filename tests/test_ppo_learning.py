@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+# The example trains on the gymnasium T-maze: without gymnasium (e.g. on the GPU machine) these tests skip.
+pytest.importorskip("gymnasium", reason="needs gymnasium (examples/ppo_memory.py trains on the gymnasium T-maze)")
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ppo_memory.py"
 TIMESTEPS = 98_304  # 24 iterations of 32 envs x 128 steps: "within 100k environment steps"
 

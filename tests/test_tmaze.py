@@ -1,8 +1,11 @@
 import numpy as np
 import pytest
 
-from agalite_triton.envs import TMazeVecEnv
-from agalite_triton.envs.tmaze import DOWN, LEFT, RIGHT, UP
+# The T-maze is a gymnasium VectorEnv: without gymnasium (e.g. on the GPU machine) these tests skip.
+pytest.importorskip("gymnasium", reason="needs gymnasium (the T-maze is a gymnasium VectorEnv)")
+
+from agalite_triton.envs import TMazeVecEnv  # noqa: E402
+from agalite_triton.envs.tmaze import DOWN, LEFT, RIGHT, UP  # noqa: E402
 
 
 def _cue_bits(obs: np.ndarray) -> np.ndarray:

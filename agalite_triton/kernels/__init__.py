@@ -2,7 +2,10 @@
 
 ``AVAILABLE`` says whether they can run in this process; ``WHY`` says why not when they cannot.
 ``triton_recurrence`` is the kernel backend of :func:`agalite_triton.agalite_recurrence` (forward,
-backward and a one-step path); ``agalite_step_`` is the in-place one-step API for rollouts.
+backward and a one-step path); ``agalite_step_`` is the in-place one-step API for rollouts. Every
+launch takes its configuration (warps, pipelining stages, checkpoint interval, backward split) from
+the table in ``config``; ``codegen_check`` compiles every kernel for sm_90 without a GPU and reports
+registers, spills and blocks per SM.
 """
 
 from __future__ import annotations

@@ -1,123 +1,306 @@
-"""Compile every kernel for an NVIDIA target on a machine without a GPU, and report ptxas's register
-and spill counts.
+"""Compile every kernel for sm_90 exactly as the JIT compiles it at launch, on a machine without a GPU,
+and report registers, spills, shared memory and resident blocks per SM.
 
 The interpreter (TRITON_INTERPRET=1) runs the kernels' Python semantics but never lowers them, so a
-construct that only fails in code generation would first show on a GPU. This compiles the real
-pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin with Triton's bundled ptxas) at the launchers' warp
-counts. It must run in a process where TRITON_INTERPRET is unset before Triton is imported:
+construct that only fails in code generation would first show on a GPU, and occupancy is invisible.
+Here the real launchers run on CPU tensors laid out as the model lays them out (projections as views
+of one fused projection, dones as bool, state rows of a stacked state) at each preset's sizes, with the
+launch table's configuration; each kernel launch is intercepted and compiled through the JIT's own
+path (its argument specialisation, so 16-byte-aligned pointers and strides divisible by 16 get the
+same divisibility hints as on a GPU) against a stand-in driver reporting an sm_90 target, with the
+ptxas that Triton itself picks for that target (Triton 3.9 takes its bundled ``ptxas-blackwell`` for
+sm_90 and later, 3.6 the plain ``ptxas``), whose log gives registers and spills. Nothing is launched.
 
-    env -u TRITON_INTERPRET python -m agalite_triton.kernels.codegen_check
+It must run in a process where TRITON_INTERPRET is unset before Triton is imported:
+
+    env -u TRITON_INTERPRET python -m agalite_triton.kernels.codegen_check [--json] [--presets paper ...]
+
+``compile_report()`` returns the same figures as records (dicts), for bench scripts.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
+import json
 import os
 import re
-import subprocess
-import tempfile
-from dataclasses import dataclass
+from collections import defaultdict
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 
+import torch
 import triton
-import triton.language as tl
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
-from .backward import _backward_kernel
-from .forward import _forward_kernel
-from .launch import CHUNK, Dims
-from .step import _step_kernel
+from ..presets import PRESETS
+from . import backward, config, forward, step
+from .launch import dims_of
 
-__all__ = ["CompileReport", "compile_all"]
+__all__ = ["KERNEL_CASES", "blocks_per_sm", "compile_report", "format_report"]
 
-# Pointer arguments holding projections, read-outs and their gradients: these take the input dtype.
-_IO_POINTERS = {
-    "k_ptr", "q_ptr", "v_ptr", "beta_ptr", "gamma_ptr", "p1_ptr", "p2_ptr", "p3_ptr", "out_ptr", "do_ptr",
-    "dk_ptr", "dq_ptr", "dv_ptr", "dbeta_ptr", "dgamma_ptr", "dp1_ptr", "dp2_ptr", "dp3_ptr",
-}  # fmt: skip
-_STATE_POINTERS = {"tk_in", "tv_in", "s_in", "tk_out", "tv_out", "s_out"}
+# sm_90 (H100 / H200) per-SM limits.
+SM90 = dict(registers=65536, reg_unit=256, max_threads=2048, max_blocks=32, shared=233472, shared_reserved=1024)
 
-
-@dataclass(frozen=True)
-class CompileReport:
-    kernel: str
-    sizes: tuple[int, int, int]
-    dtype: str
-    num_warps: int
-    registers: int | None
-    spill_bytes: int | None
+# What each report line compiles: the training forward (checkpoints), the inference forward writing
+# into the state, the backward, the in-place step, and the slot / restart variants.
+KERNEL_CASES = (
+    "forward",
+    "forward_infer",
+    "backward",
+    "step",
+    "forward_restart",
+    "backward_restart",
+    "forward_slots",
+    "step_slots",
+)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
-def _signature(fn, io_dtype: str, state_dtype: str, consts: dict) -> dict[str, str]:
-    sig = {}
-    for name in fn.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name in _IO_POINTERS:
-            sig[name] = io_dtype
-        elif name == "res_ptr":
-            sig[name] = "*i64"
-        elif name == "table_ptr":
-            sig[name] = "*fp32"
-        elif name.endswith("_ptr") or name in _STATE_POINTERS:
-            sig[name] = state_dtype
-        elif name == "eps":
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i64" if name.startswith(("sd_", "se_", "sdo_")) else "i32"
-    return sig
+def blocks_per_sm(registers: int, num_warps: int, shared: int, limits: dict = SM90) -> tuple[int, str]:
+    """Resident blocks per SM and what limits them: registers are allocated per warp in units of 256,
+    shared memory per block with 1 KiB reserved, at most 2048 threads and 32 blocks."""
+    unit = limits["reg_unit"]
+    regs_per_warp = -(-max(registers, 1) * 32 // unit) * unit
+    by = {
+        "registers": limits["registers"] // (regs_per_warp * num_warps),
+        "threads": limits["max_threads"] // (32 * num_warps),
+        "shared": limits["shared"] // (shared + limits["shared_reserved"]),
+        "blocks": limits["max_blocks"],
+    }
+    limiter = min(by, key=lambda k: by[k])
+    return by[limiter], limiter
 
 
-def _ptxas_report(ptx: str, arch: int) -> tuple[int | None, int | None]:
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
-    if not os.path.exists(ptxas):
-        return None, None
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
-    try:
-        res = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a", f.name, "-o", os.devnull],
-                             capture_output=True, text=True, check=True)  # fmt: skip
-    finally:
-        os.unlink(f.name)
-    regs = re.search(r"Used (\d+) registers", res.stderr + res.stdout)
-    spill = re.search(r"(\d+) bytes spill stores", res.stderr + res.stdout)
-    return (int(regs.group(1)) if regs else None), (int(spill.group(1)) if spill else None)
+class _Sm90Driver:
+    """Just enough of a Triton driver for the JIT to specialise and compile (never to launch)."""
+
+    def __init__(self, arch: int) -> None:
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_current_target(self) -> GPUTarget:
+        return self.target
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
 
 
-def compile_all(
-    sizes: tuple[tuple[int, int, int], ...] = ((2, 4, 64), (4, 4, 8), (1, 1, 4)),
-    dtypes: tuple[str, ...] = ("bf16", "fp16", "fp32", "fp64"),
-    arch: int = 90,
-) -> list[CompileReport]:
-    """Compile forward, backward and step kernels for each padded (R, eta, D) size and input dtype."""
+_PTXAS_PATTERNS = {
+    "registers": r"Used (\d+) registers",
+    "spill_stores": r"(\d+) bytes spill stores",
+    "spill_loads": r"(\d+) bytes spill loads",
+    "stack": r"(\d+) bytes stack frame",
+}
+
+
+@contextlib.contextmanager
+def _intercepted(arch: int, sink: list) -> Iterator[None]:
+    """Route every launch of the three kernels into a JIT compile for ``arch``; records go to ``sink``."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("codegen_check needs TRITON_INTERPRET unset before triton is imported")
-    target = GPUTarget("cuda", arch, 32)
-    reports = []
-    for r_pad, eta_pad, d_pad in sizes:
-        dims = Dims(1, 1, 1, d_pad, eta_pad, r_pad, 2, d_pad, eta_pad, r_pad)
-        for dtype in dtypes:
-            acc = tl.float64 if dtype == "fp64" else tl.float32
-            state_dtype = "*fp64" if dtype == "fp64" else "*fp32"
-            common = dict(R_PAD=r_pad, ETA_PAD=eta_pad, D_PAD=d_pad, ACC=acc, HAS_DONES=True)
-            kernels = [
-                (_forward_kernel, dict(common, SAVE_CKPT=True, CHUNK_=CHUNK), dims.num_warps()),
-                (_backward_kernel, dict(common, CHUNK_=CHUNK, HAS_DTK=True, HAS_DTV=True, HAS_DS=True),
-                 dims.num_warps(backward=True)),
-                (_step_kernel, common, dims.num_warps()),
-            ]  # fmt: skip
-            for fn, consts, warps in kernels:
-                src = ASTSource(
-                    fn=fn,
-                    signature=_signature(fn, f"*{dtype}", state_dtype, consts),
-                    constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
-                )
-                compiled = triton.compile(src, target=target, options={"num_warps": warps})
-                regs, spill = _ptxas_report(compiled.asm["ptx"], arch)
-                reports.append(CompileReport(fn.__name__, (r_pad, eta_pad, d_pad), dtype, warps, regs, spill))
-    return reports
+    from triton import knobs
+    from triton.runtime.driver import driver
+
+    kernels = (forward._forward_kernel, backward._backward_kernel, step._step_kernel)
+    previous_driver = driver._active
+    previous_caches = [fn.device_caches for fn in kernels]
+    previous_log = knobs.nvidia.dump_ptxas_log
+    previous_always = knobs.compilation.always_compile
+
+    def wrap(fn):
+        def run(*args, grid, warmup, **kwargs):
+            # A fresh binder cache: the JIT must specialise and compile this launch (and run ptxas).
+            fn.device_caches = defaultdict(fn.create_binder)
+            log = io.StringIO()
+            with contextlib.redirect_stdout(log):
+                kernel = type(fn).run(fn, *args, grid=grid, warmup=True, **kwargs)
+            text = log.getvalue()
+            rec = {k: (int(m.group(1)) if (m := re.search(p, text)) else None) for k, p in _PTXAS_PATTERNS.items()}
+            rec.update(
+                kernel=fn.__name__, num_warps=kernel.metadata.num_warps, num_stages=kwargs.get("NUM_STAGES"),
+                shared=kernel.metadata.shared, grid=tuple(grid), ttir=kernel.asm.get("ttir", ""),
+                async_copies=kernel.asm.get("ptx", "").count("cp.async."),
+                signature=dict(getattr(kernel.src, "signature", {})),
+                attrs=str(getattr(kernel.src, "attrs", "")),
+            )  # fmt: skip
+            sink.append(rec)
+            return kernel
+
+        return run
+
+    driver.set_active(_Sm90Driver(arch))
+    knobs.nvidia.dump_ptxas_log = True
+    knobs.compilation.always_compile = True  # an on-disk cache hit would skip ptxas and its log
+    for fn in kernels:
+        fn.run = wrap(fn)
+    try:
+        yield
+    finally:
+        for fn, caches in zip(kernels, previous_caches):
+            del fn.run
+            fn.device_caches = caches
+        knobs.nvidia.dump_ptxas_log = previous_log
+        knobs.compilation.always_compile = previous_always
+        driver._active = previous_driver
+
+
+def _model_projections(batch: int, steps: int, heads: int, dim: int, eta: int, dtype: torch.dtype):
+    """keys ... p3 as the attention layer makes them: strided views of one fused projection."""
+    n_d = heads * 5 * dim
+    z = torch.randn(batch, steps, n_d + heads * 3 * eta).to(dtype)
+    kqvbg = z[..., :n_d].unflatten(-1, (heads, 5, dim)).unbind(-2)
+    pp = z[..., n_d:].unflatten(-1, (heads, 3, eta)).unbind(-2)
+    return list(kqvbg) + list(pp)
+
+
+def _launch_case(case: str, r: int, heads: int, dim: int, eta: int, dtype: torch.dtype, steps: int) -> None:
+    """Run the launcher that ``case`` names once, on CPU tensors (its kernel launch is intercepted)."""
+    batch, layers = 3, 2
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    proj = _model_projections(batch, steps, heads, dim, eta, dtype)
+    dones = torch.zeros(batch, steps, dtype=torch.bool)
+    feat = eta * dim
+    stacked = [torch.zeros(layers, batch, r, heads, feat, dtype=sdt), torch.zeros(layers, batch, r, heads, dim,
+               dtype=sdt), torch.zeros(layers, batch, heads, feat, dtype=sdt)]  # fmt: skip
+    state = [x[1] for x in stacked]
+    tick = torch.ones(batch, dtype=torch.int64)
+    dims = dims_of(proj[0], eta, r)
+    chunk = config.get_config("forward", dims.r_pad, dims.eta_pad, dims.d_pad).chunk
+    restart = None
+    if case.endswith("_restart"):
+        index = torch.full((batch, steps), -1, dtype=torch.int64)
+        index[:, 0] = torch.arange(batch)
+        restart = (index, *(torch.zeros((batch, *x.shape[1:]), dtype=sdt) for x in state), tick.clone())
+    slots = torch.arange(batch, dtype=torch.int64) if case.endswith("_slots") else None
+    if case in ("forward", "forward_restart"):
+        forward.recurrence_forward(*proj, dones, *state, tick, 1e-5, True, chunk, restart=restart)
+    elif case in ("forward_infer", "forward_slots"):
+        forward.recurrence_forward(*proj, dones, *state, tick, 1e-5, False, chunk, slots=slots,
+                                   state_out=tuple(state))  # fmt: skip
+    elif case in ("backward", "backward_restart"):
+        saved = forward.saved_buffer(dims, chunk, sdt, torch.device("cpu"), True)
+        grad_out = torch.zeros(batch, steps, heads, dim, dtype=dtype)
+        backward.recurrence_backward(grad_out, None, None, None, *proj, dones, saved, tick, r, 1e-5, chunk,
+                                     restart=restart)  # fmt: skip
+    elif case in ("step", "step_slots"):
+        step.step_forward(*(p[:, 0] for p in proj), dones[:, 0], *state, tick, 1e-5, in_place=True, slots=slots)
+    else:
+        raise ValueError(f"case: expected one of {KERNEL_CASES}, got {case!r}")
+
+
+def _sizes_of(preset: str | tuple[int, int, int]) -> tuple[str, int, int, int, int]:
+    """(label, R, H, D, eta) of a preset name or an (R, eta, D) triple (H = 4)."""
+    if isinstance(preset, str):
+        p = PRESETS[preset]
+        return preset, p["r"], p["n_heads"], p["d_head"], p["eta"]
+    r, eta, dim = preset
+    return f"r{r}e{eta}d{dim}", r, 4, dim, eta
+
+
+def _report_one(args: tuple) -> list[dict]:
+    preset, dtype_name, cases, arch, table_json, steps = args
+    preset, r, heads, dim, eta = _sizes_of(preset)
+    dims = dims_of(torch.empty(1, 1, heads, dim), eta, r)
+    table = config.table_from_json(table_json) if table_json is not None else config.active_table()
+    records = []
+    with config.use_table(table):
+        for case in cases:
+            sink: list = []
+            with _intercepted(arch, sink):
+                _launch_case(case, r, heads, dim, eta, DTYPES[dtype_name], steps)
+            rec = sink[-1]
+            kernel = "backward" if case.startswith("backward") else "step" if case.startswith("step") else "forward"
+            cfg = config.get_config(kernel, dims.r_pad, dims.eta_pad, dims.d_pad)
+            blocks, limiter = blocks_per_sm(rec["registers"] or 255, rec["num_warps"], rec["shared"])
+            rec.update(
+                case=case, preset=preset, dtype=dtype_name, r=r, eta=eta, d=dim, heads=heads,
+                size_class=config.size_class(dims.r_pad, dims.eta_pad, dims.d_pad),
+                chunk=cfg.chunk if kernel != "step" else None,
+                split=min(cfg.split, dims.eta_pad) if kernel == "backward" else None,
+                num_stages=cfg.num_stages if kernel != "step" else None,
+                blocks_per_sm=blocks, occupancy_limiter=limiter, arch=f"sm_{arch}", triton=triton.__version__,
+            )  # fmt: skip
+            records.append(rec)
+    return records
+
+
+def compile_report(
+    presets: tuple[str | tuple[int, int, int], ...] = tuple(PRESETS),
+    dtypes: tuple[str, ...] = ("fp32", "bf16"),
+    cases: tuple[str, ...] = ("forward", "forward_infer", "backward", "step"),
+    arch: int = 90,
+    table: dict | None = None,
+    jobs: int = 1,
+    keep_ir: bool = False,
+    steps: int = 128,
+) -> list[dict]:
+    """One record per (preset, dtype, kernel case) (a preset is a name from ``PRESETS`` or an
+    (R, eta, D) triple, run with H = 4): registers, spill_stores / spill_loads (bytes),
+    stack, shared (bytes), num_warps / num_stages / chunk / split as launched, blocks_per_sm and
+    occupancy_limiter, async_copies (``cp.async`` instructions in the PTX: software pipelining at
+    work), the JIT signature and divisibility attributes, and with ``keep_ir`` the TTIR. ``table`` is a launch table
+    (as for ``config.use_table``; default: the active one). ``jobs`` > 1 compiles in that many
+    processes (each compile takes seconds)."""
+    for name in presets:
+        if isinstance(name, str) and name not in PRESETS:
+            raise ValueError(f"presets: unknown preset {name!r}, expected some of {tuple(PRESETS)} or (R, eta, D)")
+    for name in dtypes:
+        if name not in DTYPES:
+            raise ValueError(f"dtypes: unknown dtype {name!r}, expected some of {tuple(DTYPES)}")
+    for name in cases:
+        if name not in KERNEL_CASES:
+            raise ValueError(f"cases: unknown case {name!r}, expected some of {KERNEL_CASES}")
+    table_json = config.table_to_json(table) if table is not None else None
+    tasks = [(p, d, tuple(cases), arch, table_json, steps) for p in presets for d in dtypes]
+    if jobs > 1 and len(tasks) > 1:
+        with ProcessPoolExecutor(min(jobs, len(tasks))) as pool:
+            results = list(pool.map(_report_one, tasks))
+    else:
+        results = [_report_one(t) for t in tasks]
+    records = [rec for batch in results for rec in batch]
+    if not keep_ir:
+        for rec in records:
+            rec.pop("ttir", None)
+    return records
+
+
+def format_report(records: list[dict]) -> str:
+    head = (f"{'case':17s} {'preset':9s} {'dtype':5s} {'(R,eta,D)':10s} {'warps':>5s} {'stg':>3s} {'chunk':>5s} "
+            f"{'split':>5s} {'regs':>4s} {'spill':>5s} {'smem':>6s} {'blk/SM':>6s} limiter")  # fmt: skip
+    lines = [f"Triton {triton.__version__}, {records[0]['arch'] if records else ''}", head]
+    for r in records:
+        dash = "-"
+        lines.append(
+            f"{r['case']:17s} {r['preset']:9s} {r['dtype']:5s} {str((r['r'], r['eta'], r['d'])):10s} "
+            f"{r['num_warps']:5d} {r['num_stages'] or dash:>3} {r['chunk'] or dash:>5} {r['split'] or dash:>5} "
+            f"{r['registers']:4d} {r['spill_stores']:5d} {r['shared']:6d} {r['blocks_per_sm']:6d} "
+            f"{r['occupancy_limiter']}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--presets", nargs="*", default=list(PRESETS))
+    parser.add_argument("--dtypes", nargs="*", default=["fp32", "bf16"])
+    parser.add_argument("--cases", nargs="*", default=["forward", "forward_infer", "backward", "step"])
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--json", action="store_true", help="one JSON record per line instead of the table")
+    args = parser.parse_args(argv)
+    records = compile_report(tuple(args.presets), tuple(args.dtypes), tuple(args.cases), jobs=args.jobs)
+    if args.json:
+        for rec in records:
+            print(json.dumps(rec))
+    else:
+        print(format_report(records))
 
 
 if __name__ == "__main__":
-    for rep in compile_all():
-        print(f"{rep.kernel:18s} (R,eta,D)_pad={rep.sizes} {rep.dtype:5s} warps={rep.num_warps:2d} "
-              f"registers={rep.registers} spill_bytes={rep.spill_bytes}")  # fmt: skip
+    main()

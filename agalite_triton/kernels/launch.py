@@ -1,14 +1,5 @@
-"""Host-side helpers shared by the launchers: tile sizes, warp counts, oscillator tables, strides and
-output allocation.
-
-Warp counts are fixed from the size of the largest register tile (tilde_k, R_PAD*ETA_PAD*D_PAD fp32
-values per program) rather than autotuned: the one-step kernel updates live state in place, where an
-autotuner re-running the kernel would corrupt it, and no GPU was available to tune the sequence
-kernels. The counts were chosen from ptxas register/spill reports for sm_90 (compiled without a GPU):
-the forward and step kernels use 64-125 registers and never spill at these counts; the backward holds
-about three state tiles plus temporaries and is spill-free at the paper size (R=2, eta=4, D=64: 8 warps,
-246 registers), spills a few bytes up to 2048-value tiles, and spills heavily beyond (e.g. R=8, eta=4,
-D=128), where splitting R or E across programs would be the next step.
+"""Host-side helpers shared by the launchers: padded sizes, launch configurations, strides and output
+allocation. The launch configuration itself lives in ``config.py`` (one table, one source of truth).
 """
 
 from __future__ import annotations
@@ -20,22 +11,19 @@ import triton
 import triton.language as tl
 
 from ..oscillator import oscillator_period
+from .config import LaunchConfig, get_config
 
 __all__ = [
-    "CHUNK",
     "Dims",
     "POISON_OUTPUTS",
     "acc_dtype",
     "dims_of",
+    "dones_arg",
     "last_dim_contiguous",
     "new_output",
     "same_strides",
+    "state_strides",
 ]
-
-# Steps between two forward-state checkpoints kept for the backward pass (see backward.py). The
-# backward holds CHUNK recomputed states per (b, h) in scratch, the checkpoints cost T / CHUNK states:
-# 16 balances the two for the T ~ 128-1024 of RL training and keeps both far below T states.
-CHUNK = 16
 
 # Test hook: when True every kernel output is allocated filled with NaN, so an element a kernel
 # forgets to write fails the comparison instead of silently holding a plausible stale value.
@@ -64,15 +52,9 @@ class Dims:
         """fp32 values of one padded (tilde_k, tilde_v, s) triple, the unit of checkpoints and scratch."""
         return self.r_pad * self.eta_pad * self.d_pad + self.r_pad * self.d_pad + self.eta_pad * self.d_pad
 
-    @property
-    def num_chunks(self) -> int:
-        return triton.cdiv(self.steps, CHUNK)
-
-    def num_warps(self, backward: bool = False) -> int:
-        tile = self.r_pad * self.eta_pad * self.d_pad
-        if backward:
-            return 4 if tile <= 256 else 8 if tile <= 2048 else 16
-        return 1 if tile <= 256 else 2 if tile <= 512 else 4 if tile <= 2048 else 8
+    def config(self, kernel: str) -> LaunchConfig:
+        """This launch's entry of the launch-configuration table (read at launch time)."""
+        return get_config(kernel, self.r_pad, self.eta_pad, self.d_pad)
 
 
 def dims_of(keys: torch.Tensor, eta: int, r: int) -> Dims:
@@ -101,6 +83,22 @@ def same_strides(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     if all(t.stride() == tensors[0].stride() for t in tensors):
         return tensors
     return tuple(t.contiguous() for t in tensors)
+
+
+def state_strides(tilde_k: torch.Tensor, tilde_v: torch.Tensor, s: torch.Tensor) -> tuple[int, ...]:
+    """The (b, r, h) strides of tilde_k and tilde_v and the (b, h) strides of s, in the kernels' order."""
+    return (*tilde_k.stride()[:3], *tilde_v.stride()[:3], *s.stride()[:2])
+
+
+def dones_arg(dones: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """Dones as the kernels read them: the caller's tensor itself (bool or 0/1 floating, any strides;
+    the kernels convert each flag as they load it), with its (batch, time) strides. Without dones an
+    empty tensor stands in (the kernels never read it)."""
+    if dones is None:
+        return like.new_empty(0, dtype=torch.float32), 0, 0
+    if dones.dim() == 1:
+        return dones, dones.stride(0), 0
+    return dones, dones.stride(0), dones.stride(1)
 
 
 def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

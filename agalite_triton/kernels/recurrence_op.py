@@ -15,13 +15,19 @@ from __future__ import annotations
 import torch
 
 from .backward import recurrence_backward
-from .forward import recurrence_forward
-from .launch import CHUNK
+from .config import get_config
+from .forward import recurrence_forward, saved_length
+from .launch import dims_of
 from .step import step_forward
 
 __all__ = ["triton_recurrence"]
 
 State = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Restart = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _restart_of(index, tk_r, tv_r, s_r, tick_r) -> Restart | None:
+    return None if index is None else (index, tk_r, tv_r, s_r, tick_r)
 
 
 @torch.library.custom_op("agalite_triton::recurrence_fwd", mutates_args=())
@@ -41,34 +47,35 @@ def _recurrence_fwd(
     tick: torch.Tensor,
     eps: float,
     save_checkpoints: bool,
+    chunk: int = 16,
+    restart_index: torch.Tensor | None = None,
+    tilde_k_r: torch.Tensor | None = None,
+    tilde_v_r: torch.Tensor | None = None,
+    s_r: torch.Tensor | None = None,
+    tick_r: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return recurrence_forward(
-        keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick, eps, save_checkpoints
-    )
-
-
-def _state_pad(r: int, eta: int, dim: int) -> int:
-    import triton
-
-    rp, ep, dp = triton.next_power_of_2(r), triton.next_power_of_2(eta), triton.next_power_of_2(dim)
-    return rp * ep * dp + rp * dp + ep * dp
+        keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick, eps, save_checkpoints,
+        chunk, restart=_restart_of(restart_index, tilde_k_r, tilde_v_r, s_r, tick_r),
+    )  # fmt: skip
 
 
 @_recurrence_fwd.register_fake
-def _(keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick, eps, save_checkpoints):
+def _(keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick, eps, save_checkpoints,
+      chunk=16, restart_index=None, tilde_k_r=None, tilde_v_r=None, s_r=None, tick_r=None):  # fmt: skip
     batch, steps, heads, dim = keys.shape
     sdt = tilde_k.dtype
     if save_checkpoints:
-        chunks = (steps + CHUNK - 1) // CHUNK
-        ckpt = tilde_k.new_empty(batch * heads, chunks, _state_pad(tilde_k.shape[1], p1.shape[-1], dim))
+        dims = dims_of(keys, p1.shape[-1], tilde_k.shape[1])
+        saved = tilde_k.new_empty(batch * heads, saved_length(dims, chunk))
     else:
-        ckpt = tilde_k.new_empty(0)
+        saved = tilde_k.new_empty(0)
     return (
         keys.new_empty(batch, steps, heads, dim),
         tilde_k.new_empty(tilde_k.shape, dtype=sdt),
         tilde_v.new_empty(tilde_v.shape, dtype=sdt),
         s.new_empty(s.shape, dtype=sdt),
-        ckpt,
+        saved,
     )
 
 
@@ -87,23 +94,31 @@ def _recurrence_bwd(
     p2: torch.Tensor,
     p3: torch.Tensor,
     dones: torch.Tensor | None,
-    checkpoints: torch.Tensor,
+    saved: torch.Tensor,
     tick: torch.Tensor,
     r: int,
     eps: float,
+    chunk: int = 16,
+    restart_index: torch.Tensor | None = None,
+    tilde_k_r: torch.Tensor | None = None,
+    tilde_v_r: torch.Tensor | None = None,
+    s_r: torch.Tensor | None = None,
+    tick_r: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     return recurrence_backward(
         grad_out, grad_tilde_k, grad_tilde_v, grad_s,
-        keys, queries, values, beta, gamma, p1, p2, p3, dones, checkpoints, tick, r, eps,
+        keys, queries, values, beta, gamma, p1, p2, p3, dones, saved, tick, r, eps, chunk,
+        restart=_restart_of(restart_index, tilde_k_r, tilde_v_r, s_r, tick_r),
     )  # fmt: skip
 
 
 @_recurrence_bwd.register_fake
 def _(grad_out, grad_tilde_k, grad_tilde_v, grad_s, keys, queries, values, beta, gamma, p1, p2, p3, dones,
-      checkpoints, tick, r, eps):  # fmt: skip
+      saved, tick, r, eps, chunk=16, restart_index=None, tilde_k_r=None, tilde_v_r=None, s_r=None,
+      tick_r=None):  # fmt: skip
     batch, steps, heads, dim = keys.shape
     eta = p1.shape[-1]
-    sdt = checkpoints.dtype
+    sdt = saved.dtype
     grads = [keys.new_empty(batch, steps, heads, dim) for _ in range(5)]
     grads += [keys.new_empty(batch, steps, heads, eta) for _ in range(3)]
     grads += [
@@ -111,30 +126,80 @@ def _(grad_out, grad_tilde_k, grad_tilde_v, grad_s, keys, queries, values, beta,
         keys.new_empty(batch, r, heads, dim, dtype=sdt),
         keys.new_empty(batch, heads, eta * dim, dtype=sdt),
     ]
+    if restart_index is not None:
+        grads += [x.new_empty(x.shape, dtype=sdt) for x in (tilde_k_r, tilde_v_r, s_r)]
     return grads
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, _tv, _s, tick, eps, _save = inputs
+    (keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, _tv, _s, tick, eps, _save, chunk,
+     index, tk_r, tv_r, s_r, tick_r) = inputs  # fmt: skip
     ctx.r = tilde_k.shape[1]
     ctx.eps = eps
+    ctx.chunk = chunk  # the interval the checkpoints were taken at travels with them
     ctx.mark_non_differentiable(output[4])
-    ctx.save_for_backward(keys, queries, values, beta, gamma, p1, p2, p3, dones, tick, output[4])
+    ctx.save_for_backward(keys, queries, values, beta, gamma, p1, p2, p3, dones, tick, output[4],
+                          index, tk_r, tv_r, s_r, tick_r)  # fmt: skip
 
 
-def _backward(ctx, grad_out, grad_tilde_k, grad_tilde_v, grad_s, _grad_ckpt):
-    keys, queries, values, beta, gamma, p1, p2, p3, dones, tick, ckpt = ctx.saved_tensors
+def _backward(ctx, grad_out, grad_tilde_k, grad_tilde_v, grad_s, _grad_saved):
+    keys, queries, values, beta, gamma, p1, p2, p3, dones, tick, saved, index, tk_r, tv_r, s_r, tick_r = (
+        ctx.saved_tensors
+    )
     if grad_out is None:
         grad_out = torch.zeros_like(keys)
     grads = _recurrence_bwd(
         grad_out, grad_tilde_k, grad_tilde_v, grad_s,
-        keys, queries, values, beta, gamma, p1, p2, p3, dones, ckpt, tick, ctx.r, ctx.eps,
+        keys, queries, values, beta, gamma, p1, p2, p3, dones, saved, tick, ctx.r, ctx.eps, ctx.chunk,
+        index, tk_r, tv_r, s_r, tick_r,
     )  # fmt: skip
-    # dones and tick are not differentiable; neither are eps and save_checkpoints.
-    return (*grads[:8], None, *grads[8:], None, None, None)
+    restart_grads = (None, None, None) if index is None else tuple(grads[11:14])
+    # dones, tick, eps, save_checkpoints, chunk, the restart index and ticks are not differentiable.
+    return (*grads[:8], None, *grads[8:11], None, None, None, None, None, *restart_grads, None)
 
 
 _recurrence_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("agalite_triton::recurrence_into", mutates_args=("tk_out", "tv_out", "s_out"))
+def _recurrence_into_op(
+    keys: torch.Tensor,
+    queries: torch.Tensor,
+    values: torch.Tensor,
+    beta: torch.Tensor,
+    gamma: torch.Tensor,
+    p1: torch.Tensor,
+    p2: torch.Tensor,
+    p3: torch.Tensor,
+    dones: torch.Tensor | None,
+    tilde_k: torch.Tensor,
+    tilde_v: torch.Tensor,
+    s: torch.Tensor,
+    tick: torch.Tensor,
+    eps: float,
+    tk_out: torch.Tensor,
+    tv_out: torch.Tensor,
+    s_out: torch.Tensor,
+    slots: torch.Tensor | None = None,
+    restart_index: torch.Tensor | None = None,
+    tilde_k_r: torch.Tensor | None = None,
+    tilde_v_r: torch.Tensor | None = None,
+    s_r: torch.Tensor | None = None,
+    tick_r: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Inference over T steps writing the final state straight into (tk_out, tv_out, s_out), which may
+    be the state itself; with ``slots`` only rows ``slots`` of them."""
+    return recurrence_forward(
+        keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick, eps, False, 1,
+        restart=_restart_of(restart_index, tilde_k_r, tilde_v_r, s_r, tick_r), slots=slots,
+        state_out=(tk_out, tv_out, s_out),
+    )[0]  # fmt: skip
+
+
+@_recurrence_into_op.register_fake
+def _(keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick, eps, tk_out, tv_out, s_out,
+      slots=None, restart_index=None, tilde_k_r=None, tilde_v_r=None, s_r=None, tick_r=None):  # fmt: skip
+    return keys.new_empty(keys.shape)
 
 
 @torch.library.custom_op("agalite_triton::step", mutates_args=())
@@ -183,14 +248,22 @@ def _step_into_op(
     tk_out: torch.Tensor,
     tv_out: torch.Tensor,
     s_out: torch.Tensor,
+    slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     return step_forward(keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick, eps,
-                        in_place=False, state_out=(tk_out, tv_out, s_out))[0]  # fmt: skip
+                        in_place=False, state_out=(tk_out, tv_out, s_out), slots=slots)[0]  # fmt: skip
 
 
 @_step_into_op.register_fake
-def _(keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick, eps, tk_out, tv_out, s_out):
+def _(keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick, eps, tk_out, tv_out, s_out,
+      slots=None):  # fmt: skip
     return keys.new_empty(keys.shape)
+
+
+def forward_chunk(keys: torch.Tensor, eta: int, r: int) -> int:
+    """The checkpoint interval a forward at these sizes takes now (from the launch table)."""
+    dims = dims_of(keys, eta, r)
+    return get_config("forward", dims.r_pad, dims.eta_pad, dims.d_pad).chunk
 
 
 def triton_recurrence(
@@ -209,6 +282,8 @@ def triton_recurrence(
     tick: torch.Tensor,
     eps: float = 1e-5,
     final_out: State | None = None,
+    slots: torch.Tensor | None = None,
+    restart: Restart | None = None,
 ) -> tuple[torch.Tensor, State]:
     """The kernel backend of ``agalite_recurrence``: same arguments (validated there), same results.
 
@@ -216,33 +291,52 @@ def triton_recurrence(
     Without gradients a T = 1 call takes the one-step kernel; otherwise the sequence kernels run,
     keeping backward checkpoints only when autograd will need them. ``final_out`` (inference only,
     buffers shaped like the state; they may be the state itself, since every program reads its whole
-    (b, h) slice before writing it) receives and is returned as the final state; the one-step kernel
-    writes straight into it when its last dimension has unit stride.
+    (b, h) slice before writing it) receives and is returned as the final state: the kernels write
+    straight into it when its last dimension has unit stride. ``slots`` (N,) (needs ``final_out``):
+    projection row n steps state row ``slots[n]``, read and written through the index in-kernel.
+    ``restart``: see ``agalite_recurrence``; gradients reach the restart memories.
     """
     differentiable = (keys, queries, values, beta, gamma, p1, p2, p3, tilde_k, tilde_v, s)
+    if restart is not None:
+        differentiable += tuple(restart[1:4])
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
     if final_out is not None and needs_grad:
         raise RuntimeError("final_out: only for inference; call under torch.no_grad() or torch.inference_mode()")
-    direct = final_out is not None and all(t.stride(-1) == 1 for t in final_out)
-    if keys.shape[1] == 1 and direct:
-        out = _step_into_op(
-            keys[:, 0], queries[:, 0], values[:, 0], beta[:, 0], gamma[:, 0], p1[:, 0], p2[:, 0], p3[:, 0],
-            None if dones is None else dones[:, 0], tilde_k, tilde_v, s, tick, eps, *final_out,
-        )  # fmt: skip
-        return out.unsqueeze(1), final_out
+    if slots is not None and final_out is None:
+        raise ValueError("slots: needs final_out (the state to step in place, or another of its size), got None")
+    restart_args = (None,) * 5 if restart is None else tuple(restart)
+    steps = keys.shape[1]
     if final_out is not None:
-        out, final = triton_recurrence(keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s,
-                                       tick, eps)  # fmt: skip
-        for dst, src in zip(final_out, final):
-            dst.copy_(src)
+        if steps == 0:
+            rows = slice(None) if slots is None else slots
+            for dst, src in zip(final_out, (tilde_k, tilde_v, s)):
+                dst[rows] = src[rows]
+            return keys.new_empty(keys.shape), final_out
+        direct = all(t.stride(-1) == 1 for t in final_out)
+        # Buffers without a unit last stride get contiguous stand-ins (whole copies, so rows a slot
+        # step leaves alone stay as they were) that are copied back.
+        bufs = final_out if direct else tuple(t.contiguous() for t in final_out)
+        if steps == 1 and restart is None:
+            out = _step_into_op(
+                keys[:, 0], queries[:, 0], values[:, 0], beta[:, 0], gamma[:, 0], p1[:, 0], p2[:, 0], p3[:, 0],
+                None if dones is None else dones[:, 0], tilde_k, tilde_v, s, tick, eps, *bufs, slots,
+            ).unsqueeze(1)  # fmt: skip
+        else:
+            out = _recurrence_into_op(keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s,
+                                      tick, eps, *bufs, slots, *restart_args)  # fmt: skip
+        if not direct:
+            for dst, src in zip(final_out, bufs):
+                dst.copy_(src)
         return out, final_out
-    if keys.shape[1] == 1 and not needs_grad:
+    if steps == 1 and not needs_grad and restart is None:
         out, tk, tv, st = _step_op(
             keys[:, 0], queries[:, 0], values[:, 0], beta[:, 0], gamma[:, 0], p1[:, 0], p2[:, 0], p3[:, 0],
             None if dones is None else dones[:, 0], tilde_k, tilde_v, s, tick, eps,
         )  # fmt: skip
         return out.unsqueeze(1), (tk, tv, st)
-    out, tk, tv, st, _ckpt = _recurrence_fwd(
-        keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick, eps, needs_grad
-    )
+    chunk = forward_chunk(keys, p1.shape[-1], tilde_k.shape[1])
+    out, tk, tv, st, _saved = _recurrence_fwd(
+        keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick, eps, needs_grad, chunk,
+        *restart_args,
+    )  # fmt: skip
     return out, (tk, tv, st)

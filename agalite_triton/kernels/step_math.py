@@ -68,6 +68,27 @@ def readout(tk, tv, s, query, two_r, eps):
 
 
 @triton.jit
+def tick_phase(tick, P):
+    """``tick mod P`` in [0, P) from a raw int64 tick, for every int64 (negative ones and those near
+    2**63 included): the remainder is taken before anything is added, and its sign fixed whichever
+    convention (C's or Python's) the integer remainder follows."""
+    res = tick % P
+    return tl.where(res < 0, res + P, res)
+
+
+@triton.jit
+def keep_of(done_ptr, ACC: tl.constexpr):
+    """``1 - done`` from a bool or 0/1 floating done flag, read as it is (no host-side conversion)."""
+    return 1.0 - tl.load(done_ptr).to(ACC)
+
+
+@triton.jit
+def readout_from_scores(tv, score, den):
+    """The read-out [D_PAD] from the scores and denominator a forward saved (see ``readout``)."""
+    return tl.sum(tv * score[:, None], axis=0) / den
+
+
+@triton.jit
 def oscillators(table_ptr, phase, P, offs_r, mask_r, ACC: tl.constexpr):
     """cos(tick * omega_j) for the step whose tick residue is ``phase`` (table is (R, P), row-major)."""
     return tl.load(table_ptr + offs_r * P + phase, mask=mask_r, other=0.0).to(ACC)
