@@ -73,8 +73,11 @@ def check_recurrence_args(
     s: torch.Tensor,
     tick: torch.Tensor,
     has_time: bool,
+    state_batch: int | None = None,
 ) -> None:
-    """The recurrence's arguments, with a time axis (B, T, ...) or for one step (B, ...)."""
+    """The recurrence's arguments, with a time axis (B, T, ...) or for one step (B, ...).
+
+    ``state_batch``: the state's batch when it differs from the projections' (slots); default B."""
     lead: tuple[str, ...] = ("B", "T") if has_time else ("B",)
     check_tensor("keys", keys, shape=(*lead, "H", "D"), dtype=FLOAT_DTYPES)
     *lead_sizes, heads, dim = keys.shape
@@ -89,7 +92,7 @@ def check_recurrence_args(
         check_dones("dones", dones, tuple(lead_sizes), device)
     # The state is float32 whatever the input dtype; float64 inputs keep a float64 state (an oracle).
     sdt = torch.float64 if dtype == torch.float64 else torch.float32
-    batch = lead_sizes[0]
+    batch = lead_sizes[0] if state_batch is None else state_batch
     check_tensor("tilde_k", tilde_k, shape=(batch, "R", heads, eta * dim), dtype=sdt, device=device)
     r = tilde_k.shape[1]
     if r < 1:
@@ -97,3 +100,66 @@ def check_recurrence_args(
     check_tensor("tilde_v", tilde_v, shape=(batch, r, heads, dim), dtype=sdt, device=device)
     check_tensor("s", s, shape=(batch, heads, eta * dim), dtype=sdt, device=device)
     check_tensor("tick", tick, shape=(batch,), dtype=torch.int64, device=device)
+
+
+def check_slot_rows(
+    slots: object, num_rows: int, state_batch: int, device: torch.device, check_values: bool, name: str = "slots"
+) -> None:
+    """``slots`` (N,) int64: distinct state rows in [0, state_batch), one per projection row.
+
+    The value check needs a host sync, so callers skip it on CUDA unless asked (``check_values``)."""
+    check_tensor(name, slots, shape=(num_rows,), dtype=torch.int64, device=device)
+    assert isinstance(slots, torch.Tensor)
+    if not check_values or slots.numel() == 0:
+        return
+    lo, hi = int(slots.min()), int(slots.max())
+    if lo < 0 or hi >= state_batch:
+        raise ValueError(f"{name}: expected state rows in [0, {state_batch}), got values in [{lo}, {hi}]")
+    distinct = int(torch.unique(slots).numel())
+    if distinct != slots.numel():
+        raise ValueError(f"{name}: expected distinct state rows, got {slots.numel() - distinct} repeated")
+
+
+def check_restart_args(
+    restart: object,
+    batch: int,
+    steps: int,
+    like: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    device: torch.device,
+    check_values: bool,
+) -> None:
+    """``restart = (index (B, T) int64, tilde_k_r (N, R, H, E), tilde_v_r (N, R, H, D), s_r (N, H, E),
+    tick_r (N,) int64)``, memories in the state dtype of ``like`` = the (tilde_k, tilde_v, s) state.
+
+    ``index`` values in [-1, N) are checked when ``check_values`` (a host sync, skipped on CUDA)."""
+    if not isinstance(restart, tuple) or len(restart) != 5:
+        got = f"a tuple of {len(restart)}" if isinstance(restart, tuple) else type(restart).__name__
+        raise TypeError(f"restart: expected a tuple (index, tilde_k, tilde_v, s, tick), got {got}")
+    index, tk_r, tv_r, s_r, tick_r = restart
+    check_tensor("restart.index", index, shape=(batch, steps), dtype=torch.int64, device=device)
+    tk, tv, s = like
+    r, heads, feat, dim = tk.shape[1], tk.shape[2], tk.shape[3], tv.shape[3]
+    check_tensor("restart.tilde_k", tk_r, shape=("N", r, heads, feat), dtype=tk.dtype, device=device)
+    n = tk_r.shape[0]
+    check_tensor("restart.tilde_v", tv_r, shape=(n, r, heads, dim), dtype=tv.dtype, device=device)
+    check_tensor("restart.s", s_r, shape=(n, heads, feat), dtype=s.dtype, device=device)
+    check_tensor("restart.tick", tick_r, shape=(n,), dtype=torch.int64, device=device)
+    if check_values and index.numel():
+        lo, hi = int(index.min()), int(index.max())
+        if lo < -1 or hi >= n:
+            raise ValueError(
+                f"restart.index: expected -1 (no restart) or a restart row in [0, {n}), got values in [{lo}, {hi}]"
+            )
+        # Several steps of one batch row may restart from the same row; two batch rows may not (the kernels'
+        # backward accumulates a restart row's gradient inside the program that owns its batch row).
+        rows, used = torch.nonzero(index >= 0, as_tuple=True)[0], index[index >= 0]
+        if used.numel():
+            first = rows.new_full((n,), index.shape[0]).scatter_reduce(0, used, rows, reduce="amin")
+            last = rows.new_full((n,), -1).scatter_reduce(0, used, rows, reduce="amax")
+            shared = torch.nonzero((last >= 0) & (first != last)).flatten()
+            if shared.numel():
+                k = int(shared[0])
+                raise ValueError(
+                    f"restart.index: expected each restart row used by one batch row, got row {k} used by batch rows "
+                    f"{int(first[k])} and {int(last[k])}"
+                )

@@ -51,9 +51,14 @@ class AGaLiTeAttention(nn.Module):
         memory: Memory,
         tick: torch.Tensor,
         memory_out: Memory | None = None,
+        *,
+        slots: torch.Tensor | None = None,
+        restart: tuple[torch.Tensor, ...] | None = None,
+        check_slots: bool | None = None,
     ) -> tuple[torch.Tensor, Memory]:
         """x (B, T, d_model); dones (B, T) or None; memory (tilde_k, tilde_v, s); tick (B,) before the call;
-        memory_out: optional buffers for the new memory (inference only, see ``agalite_recurrence``)."""
+        memory_out: optional buffers for the new memory (inference only); slots, restart, check_slots: see
+        ``agalite_recurrence``."""
         z = self.in_proj(x)
         kqvbg = z[..., : self.n_kqvbg].unflatten(-1, (self.n_heads, 5, self.d_head))
         keys, queries, values, beta, gamma = kqvbg.unbind(-2)
@@ -61,6 +66,7 @@ class AGaLiTeAttention(nn.Module):
         out, new_memory = agalite_recurrence(
             keys, queries, values, beta, gamma, p1, p2, p3,
             dones if self.reset_on_terminate else None,
-            *memory, tick, eps=self.eps, backend=self.backend, final_out=memory_out,
+            *memory, tick, eps=self.eps, backend=self.backend, final_out=memory_out, slots=slots, restart=restart,
+            check_slots=check_slots,
         )  # fmt: skip
         return self.project(out.flatten(-2)), new_memory

@@ -62,9 +62,15 @@ class AGaLiTeLayer(nn.Module):
         memory: Memory,
         tick: torch.Tensor,
         memory_out: Memory | None = None,
+        *,
+        slots: torch.Tensor | None = None,
+        restart: tuple[torch.Tensor, ...] | None = None,
+        check_slots: bool | None = None,
     ) -> tuple[torch.Tensor, Memory]:
         x_enc = F.relu(self.emb(x)) if self.emb is not None else x
-        attn, new_memory = self.attn(self.ln1(x_enc), dones, memory, tick, memory_out)
+        attn, new_memory = self.attn(
+            self.ln1(x_enc), dones, memory, tick, memory_out, slots=slots, restart=restart, check_slots=check_slots
+        )
         y1 = self.gate1(x_enc, F.relu(self.dropout(attn)))
         ffc = self.ffn_out(F.relu(self.ffn_in(self.ln2(y1))))
         return self.gate2(y1, F.relu(self.dropout(ffc))), new_memory

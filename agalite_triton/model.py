@@ -7,9 +7,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._validation import FLOAT_DTYPES, check_dones, check_tensor
+from ._validation import FLOAT_DTYPES, check_dones, check_slot_rows, check_tensor
 from .backend import check_backend
 from .layer import AGaLiTeLayer
+from .oscillator import oscillator_period, oscillator_table
 from .presets import PRESETS
 from .state import AGaLiTeState
 
@@ -25,6 +26,10 @@ class AGaLiTe(nn.Module):
         starts a new episode, so environment b's memory is zeroed before step t. The tick keeps counting.
       * ``state``: an :class:`AGaLiTeState` (``None``: :meth:`initial_state`). Not modified.
       * ``y``: (B, T, d_model) (or time-major) / (B, d_model). A call of T steps advances the tick by T.
+
+    Keyword-only: ``out`` (a state that receives the new state, inference), ``env_ids`` (step a subset of
+    a larger state in place, for async environments) and ``restart``/``restart_state`` (restart chosen
+    steps from stored states, for TorchRL's recurrent-mode replay); see :meth:`forward`.
     """
 
     def __init__(
@@ -99,6 +104,9 @@ class AGaLiTe(nn.Module):
             device = self.layers[0].ln1.weight.device
         dt = self._state_dtype()
         L, B, R, H, D, E = self.n_layers, batch_size, self.r, self.n_heads, self.d_head, self.feature_dim
+        if torch.device(device).type == "cuda":
+            # Built now (a host-to-device copy), so that a CUDA graph captured right after needs no warm-up step.
+            oscillator_table(R, device)
         return AGaLiTeState(
             torch.zeros(L, B, R, H, E, dtype=dt, device=device),
             torch.zeros(L, B, R, H, D, dtype=dt, device=device),
@@ -124,10 +132,14 @@ class AGaLiTe(nn.Module):
 
     @property
     def state_size(self) -> int:
-        """S, the width of :meth:`pack_state`'s (B, S) tensor."""
+        """S, the width of :meth:`pack_state`'s (B, S) tensor: every layer's memories and one tick word."""
         L, R, H, D, E = self.n_layers, self.r, self.n_heads, self.d_head, self.feature_dim
-        tick_words = 8 // torch.empty((), dtype=self._state_dtype()).element_size()
-        return L * (R * H * E + R * H * D + H * E) + tick_words
+        return L * (R * H * E + R * H * D + H * E) + 1
+
+    @property
+    def tick_period(self) -> int:
+        """P: outputs depend on the tick only modulo P (the oscillators' common period, 2 (r - 1) or 2)."""
+        return oscillator_period(self.r)
 
     @property
     def state_bytes_per_env(self) -> int:
@@ -137,29 +149,37 @@ class AGaLiTe(nn.Module):
     def pack_state(self, state: AGaLiTeState) -> torch.Tensor:
         """One (B, S) tensor per state, for frameworks that keep a flat hidden tensor per environment.
 
-        Lossless: the int64 tick is stored bitwise in the last words, so the tensor is opaque (index,
-        concatenate and store it; never do arithmetic on it). :meth:`unpack_state` inverts it.
+        The memories are stored as they are; the tick as one word holding ``(tick - 1) mod P``, a small
+        exact integer (P = :attr:`tick_period`). So a zero-filled tensor is exactly :meth:`initial_state`,
+        and multiplying rows by 1 or 0 (0: the initial state), ``torch.where``, ``cat``, indexing, flushing
+        denormals and replacing NaNs in other entries all leave a valid state. :meth:`unpack_state` inverts it.
         """
         self.check_state(state, state.batch_size, state.device)
         B = state.batch_size
         dt = state.tilde_k.dtype
         parts = [t.transpose(0, 1).reshape(B, -1) for t in state.memories()]
-        parts.append(state.tick.unsqueeze(-1).view(dt))
+        # Reduced before subtracting, so that no tick can overflow.
+        word = torch.remainder(torch.remainder(state.tick, self.tick_period) - 1, self.tick_period)
+        parts.append(word.to(dt).unsqueeze(-1))
         return torch.cat(parts, dim=1)
 
     def unpack_state(self, packed: torch.Tensor) -> AGaLiTeState:
-        """Inverse of :meth:`pack_state`."""
+        """Inverse of :meth:`pack_state`: the memories bitwise, and ``tick = 1 + word`` in [1, P].
+
+        That tick is congruent to the packed one modulo P, so every output and memory that follows is
+        the same as from the original state; only the tick's value differs (``initial_state``'s 1 for a
+        zero word). The word must hold an exact integer in [0, P), as ``pack_state`` writes it.
+        """
         dt = self._state_dtype()
         check_tensor("packed", packed, shape=("B", self.state_size), dtype=dt)
         B = packed.shape[0]
         L, R, H, D, E = self.n_layers, self.r, self.n_heads, self.d_head, self.feature_dim
-        sizes = [L * R * H * E, L * R * H * D, L * H * E, self.state_size - L * (R * H * E + R * H * D + H * E)]
-        tk, tv, s, tick = packed.split(sizes, dim=1)
+        tk, tv, s, word = packed.split([L * R * H * E, L * R * H * D, L * H * E, 1], dim=1)
         return AGaLiTeState(
             tk.reshape(B, L, R, H, E).transpose(0, 1).contiguous(),
             tv.reshape(B, L, R, H, D).transpose(0, 1).contiguous(),
             s.reshape(B, L, H, E).transpose(0, 1).contiguous(),
-            tick.contiguous().view(torch.int64).reshape(B),
+            word.reshape(B).to(torch.int64) + 1,
         )
 
     # --------------------------------------------------------------------------------------- forward
@@ -170,11 +190,31 @@ class AGaLiTe(nn.Module):
         dones: torch.Tensor | None = None,
         *,
         out: AGaLiTeState | None = None,
+        env_ids: torch.Tensor | None = None,
+        restart: torch.Tensor | None = None,
+        restart_state: AGaLiTeState | None = None,
+        check_env_ids: bool | None = None,
     ) -> tuple[torch.Tensor, AGaLiTeState]:
-        """See the class docstring. ``out`` (inference only, under ``torch.no_grad()``): a state of the
-        same sizes that receives the new state and is returned; it may be ``state`` itself, which then
-        steps in place. Rollouts that reuse buffers this way allocate no state memory per step (fresh
-        multi-megabyte buffers cost page faults that can dominate a CPU step)."""
+        """See the class docstring.
+
+        ``out`` (inference only, under ``torch.no_grad()``): a state of the same sizes that receives the
+        new state and is returned; it may be ``state`` itself, which then steps in place. Rollouts that
+        reuse buffers this way allocate no state memory per step (fresh multi-megabyte buffers cost page
+        faults that can dominate a CPU step).
+
+        ``env_ids`` (N,) int64 (inference only): x and dones have N rows, ``state`` has B_s >= N; the
+        state rows ``env_ids`` step, in place in ``out`` (``out=state``: the usual case; ``out=None``: a
+        copy of ``state``), whose other rows are left as they are; those rows' ticks advance by T. Ids
+        must be distinct and in [0, B_s): checked on CPU tensors, and on CUDA ones only with
+        ``check_env_ids=True`` (the check needs a host sync). Returns (y with N rows, out).
+
+        ``restart`` (B, T) bool (time-major (T, B) with ``batch_first=False``; (B,) for one step) and
+        ``restart_state``, an :class:`AGaLiTeState` of batch N = ``restart.sum()`` whose rows follow the
+        row-major order of the true entries of the batch-first mask: where ``restart[b, t]``, the memory
+        and tick before step t are row n's instead of what was carried (step t's done, if any, still
+        zeroes the memory). Differentiable with respect to ``restart_state``'s memories; the returned
+        tick counts on from the last restart of each row. N is checked against ``restart.sum()`` on CPU.
+        """
         check_tensor("x", x, dtype=FLOAT_DTYPES)
         single = x.dim() == 2
         if x.dim() not in (2, 3):
@@ -197,15 +237,12 @@ class AGaLiTe(nn.Module):
             x = x.transpose(0, 1)
         batch, steps = x.shape[:2]
 
-        if dones is not None:
-            if single:
-                check_dones("dones", dones, (batch,), device)
-                dones = dones.unsqueeze(1)
-            elif self.batch_first:
-                check_dones("dones", dones, (batch, steps), device)
-            else:
-                check_dones("dones", dones, (steps, batch), device)
-                dones = dones.transpose(0, 1)
+        dones = self._time_mask("dones", dones, batch, steps, single, device)
+        if env_ids is not None:
+            if restart is not None or restart_state is not None:
+                raise ValueError("env_ids and restart: expected at most one of them, got both")
+            h, new_state = self._step_env_ids(x, dones, state, out, env_ids, check_env_ids)
+            return (h.squeeze(1) if single else h if self.batch_first else h.transpose(0, 1)), new_state
         if state is None:
             state = self.initial_state(batch, device)
         else:
@@ -214,25 +251,135 @@ class AGaLiTe(nn.Module):
             if torch.is_grad_enabled():
                 raise RuntimeError("out: only for inference; call under torch.no_grad() or torch.inference_mode()")
             self.check_state(out, batch, device, name="out")
+        restart_index = self._restart_index(restart, restart_state, batch, steps, single, device)
 
+        def restart_of(i: int) -> tuple[torch.Tensor, ...] | None:
+            if restart_index is None:
+                return None
+            assert restart_state is not None
+            return (restart_index, *restart_state.layer(i), restart_state.tick)
+
+        final_tick = (
+            state.tick + steps
+            if restart_index is None
+            else _tick_after_restarts(state.tick, steps, restart_index, restart_state.tick)  # type: ignore[union-attr]
+        )
         h = x
         if torch.is_grad_enabled():
             new_memories = []
             for i, layer in enumerate(self.layers):
-                h, memory = layer(h, dones, state.layer(i), state.tick)
+                h, memory = layer(h, dones, state.layer(i), state.tick, restart=restart_of(i), check_slots=False)
                 new_memories.append(memory)
-            new_state = AGaLiTeState(*(torch.stack(parts) for parts in zip(*new_memories)), state.tick + steps)
+            new_state = AGaLiTeState(*(torch.stack(parts) for parts in zip(*new_memories)), final_tick)
         else:
             # Inference: every layer writes its new memory straight into its slot, with no stacking copy.
             if out is None:
-                new_state = AGaLiTeState(*(torch.empty_like(t) for t in state.memories()), state.tick + steps)
+                new_state = AGaLiTeState(*(torch.empty_like(t) for t in state.memories()), final_tick)
             else:
                 new_state = out
             for i, layer in enumerate(self.layers):
-                h, _ = layer(h, dones, state.layer(i), state.tick, new_state.layer(i))
+                h, _ = layer(
+                    h, dones, state.layer(i), state.tick, new_state.layer(i), restart=restart_of(i), check_slots=False
+                )
             if out is not None:
                 # After every layer has read the old tick, so that out may be state itself.
-                torch.add(state.tick, steps, out=out.tick)
+                out.tick.copy_(final_tick)
         if single:
             return h.squeeze(1), new_state
         return (h if self.batch_first else h.transpose(0, 1)), new_state
+
+    def _time_mask(
+        self, name: str, mask: torch.Tensor | None, batch: int, steps: int, single: bool, device: torch.device
+    ) -> torch.Tensor | None:
+        """``dones`` in the batch-first (B, T) layout, checked against x's layout."""
+        if mask is None:
+            return None
+        if single:
+            check_dones(name, mask, (batch,), device)
+            return mask.unsqueeze(1)
+        if self.batch_first:
+            check_dones(name, mask, (batch, steps), device)
+            return mask
+        check_dones(name, mask, (steps, batch), device)
+        return mask.transpose(0, 1)
+
+    def _restart_index(
+        self,
+        restart: torch.Tensor | None,
+        restart_state: AGaLiTeState | None,
+        batch: int,
+        steps: int,
+        single: bool,
+        device: torch.device,
+    ) -> torch.Tensor | None:
+        """(B, T) int64: -1, or the row of ``restart_state`` that step t of row b restarts from."""
+        if restart is None and restart_state is None:
+            return None
+        if restart is None or restart_state is None:
+            missing = "restart" if restart is None else "restart_state"
+            raise ValueError(f"{missing}: expected restart and restart_state together, got only one of them")
+        if single:
+            check_tensor("restart", restart, shape=(batch,), dtype=torch.bool, device=device)
+            restart = restart.unsqueeze(1)
+        elif self.batch_first:
+            check_tensor("restart", restart, shape=(batch, steps), dtype=torch.bool, device=device)
+        else:
+            check_tensor("restart", restart, shape=(steps, batch), dtype=torch.bool, device=device)
+            restart = restart.transpose(0, 1)
+        if not isinstance(restart_state, AGaLiTeState):
+            raise TypeError(f"restart_state: expected an AGaLiTeState, got {type(restart_state).__name__}")
+        self.check_state(restart_state, restart_state.batch_size, device, name="restart_state")
+        if device.type == "cpu":
+            wanted = int(restart.sum())
+            if wanted != restart_state.batch_size:
+                raise ValueError(
+                    f"restart_state: expected batch size restart.sum()={wanted}, got {restart_state.batch_size}"
+                )
+        # Row-major numbering of the true entries, without a host sync.
+        numbered = torch.cumsum(restart.reshape(-1), 0).view(batch, steps) - 1
+        return torch.where(restart, numbered, -1)
+
+    def _step_env_ids(
+        self,
+        x: torch.Tensor,
+        dones: torch.Tensor | None,
+        state: AGaLiTeState | None,
+        out: AGaLiTeState | None,
+        env_ids: torch.Tensor,
+        check_env_ids: bool | None,
+    ) -> tuple[torch.Tensor, AGaLiTeState]:
+        if torch.is_grad_enabled():
+            raise RuntimeError("env_ids: only for inference; call under torch.no_grad() or torch.inference_mode()")
+        device = x.device
+        if state is None:
+            raise ValueError("state: env_ids steps rows of a given state, got None")
+        if not isinstance(state, AGaLiTeState):
+            raise TypeError(f"state: expected an AGaLiTeState, got {type(state).__name__}")
+        state_batch = state.batch_size
+        self.check_state(state, state_batch, device)
+        if out is None:
+            out = state.clone()
+        else:
+            self.check_state(out, state_batch, device, name="out")
+        check = device.type == "cpu" if check_env_ids is None else check_env_ids
+        check_slot_rows(env_ids, x.shape[0], state_batch, device, check, name="env_ids")
+        new_tick = state.tick.index_select(0, env_ids) + x.shape[1]
+        h = x
+        for i, layer in enumerate(self.layers):
+            # Checked once above, not again by every layer (each check is a host sync).
+            h, _ = layer(h, dones, state.layer(i), state.tick, out.layer(i), slots=env_ids, check_slots=False)
+        out.tick.index_copy_(0, env_ids, new_tick)
+        return h, out
+
+
+def _tick_after_restarts(
+    tick: torch.Tensor, steps: int, index: torch.Tensor, restart_tick: torch.Tensor
+) -> torch.Tensor:
+    """The tick after a call: the last restart's tick plus the steps from it, or ``tick + steps``."""
+    t_idx = torch.arange(steps, device=tick.device, dtype=torch.int64)
+    last = torch.where(index >= 0, t_idx, -1).amax(dim=1) if steps else torch.full_like(tick, -1)
+    has = last >= 0
+    row = index.gather(1, last.clamp(min=0).unsqueeze(1)).squeeze(1) if steps else last
+    padded = torch.cat([restart_tick, restart_tick.new_zeros(1)])
+    start = padded[torch.where(has, row, padded.shape[0] - 1)]
+    return torch.where(has, start + (steps - last), tick + steps)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import check_recurrence_args, check_tensor
+from ._validation import check_recurrence_args, check_restart_args, check_slot_rows, check_tensor
 from .backend import resolve_backend
 from .reference import reference_recurrence
 
@@ -46,6 +46,9 @@ def agalite_recurrence(
     eps: float = 1e-5,
     backend: str | None = None,
     final_out: State | None = None,
+    slots: torch.Tensor | None = None,
+    restart: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    check_slots: bool | None = None,
 ) -> tuple[torch.Tensor, State]:
     """Run one attention layer's recurrence over T steps.
 
@@ -64,15 +67,38 @@ def agalite_recurrence(
             final state (and are returned), for inference without autograd: a rollout then writes each
             layer's new state straight into its slot of the stacked state. They may be the input state
             tensors themselves (an in-place step).
+        slots: (N,) int64 or None, for stepping a subset of a larger state (async environments). The
+            projections and dones then have batch N, while tilde_k, tilde_v, s, tick and final_out have
+            the state's batch B_s >= N: row n reads state row ``slots[n]`` and ``final_out`` receives
+            the new memories in rows ``slots[n]`` only (every other row is left as it is). Inference
+            only; needs ``final_out`` (usually the state itself). Slots must be distinct and in
+            [0, B_s); see ``check_slots``.
+        restart: ``(index, tilde_k_r, tilde_v_r, s_r, tick_r)`` or None: restart chosen steps from given
+            memories (TorchRL's recurrent-mode replay). ``index`` (B, T) int64 is -1 for no restart or n
+            in [0, N): the memory before step t is replaced by row n of ``tilde_k_r`` (N, R, H, E),
+            ``tilde_v_r`` (N, R, H, D), ``s_r`` (N, H, E) (state dtype) and the tick before step t by
+            ``tick_r[n]`` ((N,) int64), instead of what was carried; step t's done, if any, then applies
+            as usual. Several steps of one batch row may restart from the same row n, two batch rows may
+            not. Gradients reach the restart memories, and nothing from before a restart point reaches
+            past it. The caller advances its tick (last restart tick + steps after it).
+        check_slots: check the values of ``slots`` (distinct, in range) and of ``restart``'s index (in
+            range, each restart row used by one batch row). The check needs a host sync: None (default)
+            checks CPU tensors and skips CUDA ones; True always checks, False never does (bad values are
+            then undefined behaviour).
 
     Returns:
-        out (B, T, H, D) in the input dtype, and the final state ``(tilde_k, tilde_v, s)`` in float32.
+        out (B, T, H, D) (N rows with slots) in the input dtype, and the final state
+        ``(tilde_k, tilde_v, s)`` in float32 (``final_out`` where given).
     """
+    has_state_rows = slots is not None and isinstance(tilde_k, torch.Tensor) and tilde_k.dim() >= 1
+    state_batch = tilde_k.shape[0] if has_state_rows else None
     check_recurrence_args(
-        keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick, has_time=True
-    )
+        keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick, has_time=True,
+        state_batch=state_batch,
+    )  # fmt: skip
     batch, steps, heads, dim = keys.shape
     device = keys.device
+    check_values = device.type == "cpu" if check_slots is None else bool(check_slots)
     if final_out is not None:
         if torch.is_grad_enabled():
             raise RuntimeError("final_out: only for inference; call under torch.no_grad() or torch.inference_mode()")
@@ -80,8 +106,21 @@ def agalite_recurrence(
             raise TypeError(f"final_out: expected a tuple (tilde_k, tilde_v, s), got {type(final_out).__name__}")
         for name, buf, like in zip(("tilde_k", "tilde_v", "s"), final_out, (tilde_k, tilde_v, s)):
             check_tensor(f"final_out.{name}", buf, shape=tuple(like.shape), dtype=like.dtype, device=device)
+    if slots is not None:
+        if restart is not None:
+            raise ValueError("slots and restart: expected at most one of them, got both")
+        if final_out is None:
+            raise ValueError("slots: needs final_out (the state to step in place, or another of its size), got None")
+        check_slot_rows(slots, batch, tilde_k.shape[0], device, check_values)
+    if restart is not None:
+        check_restart_args(restart, batch, steps, (tilde_k, tilde_v, s), device, check_values)
 
     chosen = resolve_backend(backend, device)
+    if slots is not None:
+        return _slots_recurrence(
+            chosen, keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick, eps,
+            final_out, slots,
+        )  # fmt: skip
     if steps == 0:
         # Nothing to scan: an empty read-out and the incoming state, copied so callers may mutate it.
         if final_out is not None:
@@ -94,9 +133,48 @@ def agalite_recurrence(
 
         return triton_recurrence(
             keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick,
-            eps=eps, final_out=final_out,
+            eps=eps, final_out=final_out, restart=restart,
         )  # fmt: skip
     return reference_recurrence(
         keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick,
-        eps=eps, final_out=final_out,
+        eps=eps, final_out=final_out, restart=restart,
     )  # fmt: skip
+
+
+def _slots_recurrence(
+    chosen: str,
+    keys: torch.Tensor,
+    queries: torch.Tensor,
+    values: torch.Tensor,
+    beta: torch.Tensor,
+    gamma: torch.Tensor,
+    p1: torch.Tensor,
+    p2: torch.Tensor,
+    p3: torch.Tensor,
+    dones: torch.Tensor | None,
+    tilde_k: torch.Tensor,
+    tilde_v: torch.Tensor,
+    s: torch.Tensor,
+    tick: torch.Tensor,
+    eps: float,
+    final_out: State,
+    slots: torch.Tensor,
+) -> tuple[torch.Tensor, State]:
+    """Step the state rows ``slots`` (validated by the caller) and write them into ``final_out``."""
+    if chosen == "triton":
+        from .kernels import triton_recurrence
+
+        return triton_recurrence(
+            keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick,
+            eps=eps, final_out=final_out, slots=slots,
+        )  # fmt: skip
+    if keys.shape[1] == 0:
+        for dst, src in zip(final_out, (tilde_k, tilde_v, s)):
+            dst.index_copy_(0, slots, src.index_select(0, slots))
+        return keys.new_empty(keys.shape), final_out
+    # The reference reads and writes the slot rows itself (fused on CPU; gathered otherwise).
+    out, final_out = reference_recurrence(
+        keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick,
+        eps=eps, final_out=final_out, slots=slots,
+    )  # fmt: skip
+    return out, final_out

@@ -22,7 +22,8 @@ class AGaLiTeState(NamedTuple):
 
     tilde_k: (L, B, R, H, E) float32;  tilde_v: (L, B, R, H, D) float32;  s: (L, B, H, E) float32;
     tick: (B,) int64, the number of steps taken so far plus the initial tick (1, as the original).
-    Dones never reset the tick; only the memories.
+    Dones never reset the tick; only the memories. Outputs depend on the tick only modulo the
+    oscillators' period P (``model.tick_period``), which is all that ``model.pack_state`` keeps.
     """
 
     tilde_k: torch.Tensor

@@ -214,15 +214,24 @@ def test_reset_then_call_equals_done_on_first_step() -> None:
     assert torch.equal(y_done, y_reset)
 
 
-def test_pack_unpack_round_trip_is_lossless() -> None:
+def test_pack_unpack_round_trip_keeps_memories_and_tick_modulo_period() -> None:
     model = small_model()
+    P = model.tick_period
     st = busy_state(model, 5)._replace(tick=torch.tensor([0, 1, 2**62 - 1, -7, 2**53 + 1]))
     packed = model.pack_state(st)
     assert packed.shape == (5, model.state_size) and packed.dtype == torch.float32
+    assert model.state_size == model.n_layers * (4 * 3 * 15 + 4 * 3 * 5 + 3 * 15) + 1
     back = model.unpack_state(packed)
-    assert all(torch.equal(a, b) for a, b in zip(back, st))
+    assert all(torch.equal(a, b) for a, b in zip(back.memories(), st.memories()))
+    # The tick comes back as 1 + ((tick - 1) mod P): congruent, in [1, P].
+    assert back.tick.tolist() == [1 + (t - 1) % P for t in st.tick.tolist()]
+    x, d = data(5, 4, seed=3)
+    with torch.no_grad():
+        y, after = model(x, st, d)
+        y_back, after_back = model(x, back, d)
+    assert torch.equal(y, y_back) and all(torch.equal(a, b) for a, b in zip(after.memories(), after_back.memories()))
     # Rows of the packed tensor are environments: indexing commutes with packing.
-    assert all(torch.equal(a, b) for a, b in zip(model.unpack_state(packed[[3, 1]]), st.select(torch.tensor([3, 1]))))
+    assert all(torch.equal(a, b) for a, b in zip(model.unpack_state(packed[[3, 1]]), back.select(torch.tensor([3, 1]))))
     with pytest.raises(ValueError, match="packed"):
         model.unpack_state(packed[:, :-1])
 
