@@ -1,6 +1,7 @@
 """The reference path's CPU figures that the foundation promises (paper-size model, float32):
 one-step rollout at B=1024 (in place with ``out=state``, and out of place) and forward + backward
-over B=16, T=128 from a stored state.
+over B=16, T=128 from a stored state, each with the fused CPU recurrence (the default) and eager
+(``AGALITE_CPU_FUSED=0``).
 
 ``python -m bench.cpu_targets [--threads 2]`` times each workload in a fresh process, once with
 glibc's default malloc settings and once with ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``
@@ -28,11 +29,14 @@ from .timing import measure
 
 INPUT_DIM = 32
 CASES = ("rollout-in-place", "rollout-out-of-place", "train")
+PATHS = ("fused", "eager")
 TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 
 
-def run_case(case: str) -> str:
-    """Time one workload in this process; returns one line of results."""
+def run_case(case: str, path: str = "fused") -> str:
+    """Time one workload in this process (``path``: the fused CPU recurrence or eager); one line of results."""
+    if path == "eager":
+        os.environ["AGALITE_CPU_FUSED"] = "0"
     cpu = torch.device("cpu")
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -73,18 +77,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--case", choices=CASES, help="time one workload in this process (used internally)")
+    parser.add_argument("--path", choices=PATHS, default="fused", help="with --case: the CPU recurrence to use")
     args = parser.parse_args()
     threads = pin_threads(args.threads)
     if args.case:
-        print(run_case(args.case))
+        print(run_case(args.case, args.path))
         return
+    from agalite_triton.reference import cpu_fused
+
+    info = cpu_fused.build_info()
     print(f"torch {torch.__version__}, threads {threads}, load average at start {load_average()}")
+    print(f"fused CPU recurrence: {info['state']}, {info['seconds']:.2f} s to build or load in this process")
     for label, extra_env in (("glibc malloc defaults", {}), ("tuned malloc thresholds", TUNED_MALLOC)):
-        env = {k: v for k, v in os.environ.items() if k not in TUNED_MALLOC} | extra_env
+        env = {k: v for k, v in os.environ.items() if k not in TUNED_MALLOC and k != "AGALITE_CPU_FUSED"} | extra_env
         for case in CASES:
-            cmd = [sys.executable, "-m", "bench.cpu_targets", "--threads", str(threads), "--case", case]
-            line = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout.strip()
-            print(f"{label:24s} {case:22s} {line}")
+            for path in PATHS:
+                cmd = [sys.executable, "-m", "bench.cpu_targets", "--threads", str(threads), "--case", case,
+                       "--path", path]  # fmt: skip
+                line = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout.strip()
+                print(f"{label:24s} {case:22s} {path:6s} {line}")
     print(f"load average at end {load_average()}")
 
 

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .report import markdown_tables, ratio_lines
+from .report import fused_line, markdown_tables, ratio_lines
 
 __all__ = ["END", "START", "render_block", "update_readme"]
 
@@ -58,8 +58,10 @@ def render_block(doc: dict[str, Any], json_path: Path, readme_path: Path) -> str
         "before timing). GTrXL is matched to the paper's AGaLiTe size (4 layers, d=128, 4x64 heads, FFN 128); "
         "`recompute` recomputes the memory's keys and values every step (the paper's baseline), `kv_cache` keeps "
         "them in a ring buffer; training runs the whole segment either way.",
-        "",
     ]
+    if fused_line(doc):
+        lines.append(fused_line(doc))
+    lines.append("")
     lines += [f"- {line}" for line in ratio_lines(doc)]
     lines += ["", markdown_tables(doc)]
     if doc.get("plot"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["fmt_bytes", "fmt_rate", "markdown_tables", "print_report", "ratio_lines", "sections"]
+__all__ = ["fmt_bytes", "fmt_rate", "fused_line", "markdown_tables", "print_report", "ratio_lines", "sections"]
 
 TITLES = {
     "inference": "Rollout inference: one step of B environments (steps/s)",
@@ -79,7 +79,7 @@ def sections(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _ratio_meaning(section: dict[str, Any]) -> str:
     if section["workload"].startswith("recurrence"):
-        return "throughput / that of the same shape on the reference backend"
+        return "throughput / that of the same shape on the reference backend (its default path)"
     return f"throughput / that of {section['ratio_to']}"
 
 
@@ -120,21 +120,50 @@ def ratio_lines(doc: dict[str, Any]) -> list[str]:
                     continue
                 ratios = [fmt_ratio(rows[b]["ratio"]) if b in rows else "-" for b in batches]
                 parts.append(f"{label} {' / '.join(ratios)}")
-            if not parts:
-                continue
             seq = "" if workload == "inference" else f", T = {doc['config']['seq_len']}"
-            lines.append(
-                f"{ref_label} {what} ({dtype}) as a multiple of each baseline's, at B = "
-                f"{' / '.join(map(str, batches))}{seq}: " + "; ".join(parts) + "."
-            )
+            if parts:
+                lines.append(
+                    f"{ref_label} {what} ({dtype}) as a multiple of each baseline's, at B = "
+                    f"{' / '.join(map(str, batches))}{seq}: " + "; ".join(parts) + "."
+                )
+            eager = table.get(f"{ref_label[:-1]}, eager]") if ref_label.endswith("]") else None
+            if eager:
+                ratios = [fmt_ratio(eager[b]["ratio"]) if b in eager else "-" for b in batches]
+                lines.append(
+                    f"{ref_label} {what} ({dtype}), fused CPU recurrence over the eager reference, at B = "
+                    f"{' / '.join(map(str, batches))}{seq}: {' / '.join(ratios)}."
+                )
     state = [
         f"{s['label']} {fmt_bytes(s['state_bytes_per_env'])}"
         for s in doc["systems"]
-        if s["family"] != "recurrence" and (s["family"] != "gtrxl" or s["mode"])
+        if s["family"] != "recurrence" and (s["family"] != "gtrxl" or s["mode"]) and s["mode"] != "eager"
     ]
     if state:
         lines.append("Recurrent state per environment (float32): " + "; ".join(state) + ".")
     return lines
+
+
+def fused_line(doc: dict[str, Any]) -> str | None:
+    """What the default CPU path ran and what its first call costs, or None off CPU."""
+    info = doc.get("cpu_fused")
+    if not info:
+        return None
+    if info["state"] != "ready":
+        return f"Fused CPU recurrence unavailable ({info.get('reason')}): `[reference]` is the eager reference."
+    how = "loaded from its cache" if info.get("cached") else "built"
+    fresh = info.get("fresh_build_s")
+    passed = info.get("gate_passed", True)
+    line = (
+        f"`[reference]` on CPU runs the fused CPU recurrence (`agalite_triton/reference/cpu_fused.cpp`, "
+        f"`{' '.join(info.get('flags') or [])}`; {how} in {info['seconds']:.2f} s in this run"
+        + (f"; a fresh build takes {fresh:.1f} s, once per machine" if fresh is not None else "")
+        + "); `[reference, eager]` is the same reference with it off (`AGALITE_CPU_FUSED=0`)."
+    )
+    if not info.get("enabled", True):
+        line += " AGALITE_CPU_FUSED=0 was set, so `[reference]` ran eager too."
+    if not passed:
+        line += " The fused path failed its gate, so every reference case ran eager."
+    return line
 
 
 def _load(device: dict[str, Any]) -> str:
@@ -181,6 +210,9 @@ def print_report(doc: dict[str, Any], console: Any = None) -> None:
         console.print(f"{what}: {mark}{err} - {escape(g['detail'])}")
     for s in doc["skipped"]:
         console.print(f"[yellow]skipped[/yellow] {escape(s['label'])}: {escape(s['reason'])}")
+    line = fused_line(doc)
+    if line:
+        console.print(escape(line.replace("`", "")))
     for s in sections(doc):
         table = Table(title=s["title"], title_justify="left")
         for i, h in enumerate(s["headers"]):

@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
+from agalite_triton import AGaLiTe, agalite_recurrence
 from agalite_triton.backend import triton_available
+from agalite_triton.reference import cpu_fused
 
 from . import gate
 from .environment import describe_device, load_average, versions
@@ -63,12 +65,29 @@ def _system_info(spec: SystemSpec, module: torch.nn.Module) -> dict[str, Any]:
     )  # fmt: skip
 
 
-def _shape_info(shape: RecurrenceShape, backend: str) -> dict[str, Any]:
+def _shape_info(shape: RecurrenceShape, backend: str, mode: str | None = None) -> dict[str, Any]:
     H, D, E, R = shape.heads, shape.head_dim, shape.eta * shape.head_dim, shape.r
+    tags = ", ".join(t for t in (backend, mode) if t)
     return dict(
-        name=shape.name, family="recurrence", mode=None, backend=backend, label=f"{shape.name} [{backend}]",
+        name=shape.name, family="recurrence", mode=mode, backend=backend, label=f"{shape.name} [{tags}]",
         config=shape.config, params=0, state_bytes_per_env=4 * (R * H * E + R * H * D + H * E) + 8,
     )  # fmt: skip
+
+
+def _eager(make: Callable[[], Callable[[], None]]) -> Callable[[], Callable[[], None]]:
+    """``make`` whose callable runs with the fused CPU recurrence switched off (building included)."""
+
+    def made() -> Callable[[], None]:
+        with cpu_fused.forced(False):
+            fn = make()
+
+        def call() -> None:
+            with cpu_fused.forced(False):
+                fn()
+
+        return call
+
+    return made
 
 
 def _model_fn(
@@ -81,13 +100,22 @@ def _model_fn(
     return training_step(module, batch, sweep.seq_len, *args)
 
 
+def _side_by_side(device: torch.device, backends: list[str]) -> bool:
+    """Whether the eager CPU reference is timed beside the default (fused) one."""
+    return device.type == "cpu" and "reference" in backends and cpu_fused.build_info()["state"] == "ready"
+
+
 def plan(sweep: Sweep, device: torch.device, backends: list[str]) -> list[Case]:
-    """Every case of ``sweep`` for the backends that passed the gate, in running order."""
+    """Every case of ``sweep`` for the backends that passed the gate, in running order.
+
+    On CPU, AGaLiTe and the recurrence at the paper's size also run on the eager reference
+    (``[reference, eager]``, the fused CPU recurrence off) right after the default ``[reference]``."""
     presets, memories, T = list(sweep.presets), list(sweep.gtrxl_memories), sweep.seq_len
+    eager = ("paper",) if _side_by_side(device, backends) else ()
     workloads = {
-        "inference": ([*agalite_specs(presets, backends), *gtrxl_specs(memories, ["recompute", "kv_cache"]),
+        "inference": ([*agalite_specs(presets, backends, eager), *gtrxl_specs(memories, ["recompute", "kv_cache"]),
                        *lstm_specs()], sweep.inference_batches, 1),
-        "training": ([*agalite_specs(presets, backends), *gtrxl_specs(memories, [None]), *lstm_specs()],
+        "training": ([*agalite_specs(presets, backends, eager), *gtrxl_specs(memories, [None]), *lstm_specs()],
                      sweep.training_batches, T),
     }  # fmt: skip
     cases: list[Case] = []
@@ -99,16 +127,22 @@ def plan(sweep: Sweep, device: torch.device, backends: list[str]) -> list[Case]:
             info = _system_info(spec, build(spec, sweep.input_dim, torch.device("meta"), sweep.seed))
             for dtype, b in itertools.product(sweep.dtypes, batches):
                 make = functools.partial(_model_fn, workload, spec, b, dtype, sweep, device)
-                cases.append(Case(workload, info, dtype, b, steps, make))
+                cases.append(Case(workload, info, dtype, b, steps, _eager(make) if spec.mode == "eager" else make))
     if "recurrence" in sweep.workloads:
         shapes = [s for s in recurrence_shapes(presets) if sweep.keeps(s.name)]
-        for backward, shape, backend, dtype, b in itertools.product(
-            (False, True), shapes, backends, sweep.dtypes, sweep.recurrence_batches
+        paths = [(b, None) for b in backends]
+        if _side_by_side(device, backends):
+            paths.insert(paths.index(("reference", None)) + 1, ("reference", "eager"))
+        for backward, shape, (backend, mode), dtype, b in itertools.product(
+            (False, True), shapes, paths, sweep.dtypes, sweep.recurrence_batches
         ):
+            if mode == "eager" and shape.name != "recurrence-paper":
+                continue
             workload = "recurrence_forward_backward" if backward else "recurrence_forward"
             make = functools.partial(recurrence_step, shape, b, T, backend, device, DTYPES[dtype], backward,
                                      sweep.done_prob, sweep.seed)  # fmt: skip
-            cases.append(Case(workload, _shape_info(shape, backend), dtype, b, T, make))
+            info = _shape_info(shape, backend, mode)
+            cases.append(Case(workload, info, dtype, b, T, _eager(make) if mode == "eager" else make))
     return cases
 
 
@@ -217,6 +251,52 @@ def add_ratios(records: list[dict[str, Any]], best_backend: str) -> None:
             r["ratio"], r["ratio_to"] = r["throughput"] / ref["throughput"], ref_label
 
 
+def _fused_info(device: torch.device) -> dict[str, Any] | None:
+    """The fused CPU recurrence in this run: how it was built or loaded, and how long a fresh build takes
+    (the first-call cost of a process on a machine without the cached library). None off CPU."""
+    if device.type != "cpu":
+        return None
+    info = cpu_fused.build_info()
+    keep = ("state", "seconds", "cached", "compiler", "flags", "reason", "path")
+    out = {k: info[k] for k in keep if k in info}
+    out.update(enabled=cpu_fused.enabled(), fresh_build_s=cpu_fused.fresh_build_seconds())
+    return out
+
+
+def _gate_fused(device: torch.device) -> list[gate.GateResult]:
+    """The default CPU path (fused) against the eager reference: the recurrence forward and backward, and
+    a small model stepped in place (the rollout path) over steps with dones."""
+
+    def fused_recurrence(*args: Any) -> Any:
+        with cpu_fused.forced(True):
+            return agalite_recurrence(*args, backend="reference")
+
+    with cpu_fused.forced(False):
+        checks = [gate.gate_recurrence("reference", device, impl=fused_recurrence)]
+
+    def compare_model() -> float:
+        torch.manual_seed(7)
+        model = AGaLiTe(input_dim=6, d_model=32, n_layers=2, n_heads=2, d_head=8, d_ffc=24, eta=3, r=3)
+        gen = torch.Generator().manual_seed(11)
+        x = torch.randn(3, 9, 6, generator=gen)
+        dones = torch.rand(3, 9, generator=gen) < 0.2
+        runs = []
+        for on in (True, False):
+            with torch.inference_mode(), cpu_fused.forced(on):
+                state, ys = model.initial_state(3), []
+                for t in range(9):
+                    ys.append(model(x[:, t], state, dones[:, t], out=state)[0])
+                runs.append([*ys, *state.memories()])
+        return gate._worst(runs[0], runs[1])
+
+    checks.append(gate._judge("model", "reference", gate.AGALITE_TOL, compare_model))
+    return [
+        gate.GateResult(c.check, "reference (fused CPU)", c.passed, c.max_error, c.tolerance,
+                        c.detail.replace("the reference", "the eager reference"))
+        for c in checks
+    ]  # fmt: skip
+
+
 def run_bench(
     sweep: Sweep,
     device: torch.device,
@@ -239,6 +319,11 @@ def run_bench(
         gates += checks
         if all(c.passed for c in checks):
             passing.append(backend)
+    fused = _fused_info(device)
+    if fused is not None and fused["state"] == "ready":
+        checks = _gate_fused(device)
+        gates += checks
+        fused["gate_passed"] = all(c.passed for c in checks)
     gtrxl_gate = gate.gate_gtrxl(device)
     gates.append(gtrxl_gate)
     skipped = [
@@ -246,10 +331,14 @@ def run_bench(
         for g in gates if not g.passed
     ]  # fmt: skip
 
-    cases = plan(sweep, device, passing)
-    if not gtrxl_gate.passed:
-        cases = [c for c in cases if c.system["mode"] != "kv_cache"]
-    records = _measure_all(cases, device, sweep, progress)
+    with contextlib.ExitStack() as stack:
+        if fused is not None and not fused.get("gate_passed", True):
+            # The default CPU path disagrees with the eager reference: time the eager one only.
+            stack.enter_context(cpu_fused.forced(False))
+        cases = plan(sweep, device, passing)
+        if not gtrxl_gate.passed:
+            cases = [c for c in cases if c.system["mode"] != "kv_cache"]
+        records = _measure_all(cases, device, sweep, progress)
     add_ratios(records, "triton" if "triton" in passing else "reference")
 
     systems = {c.system["label"]: c.system for c in cases}
@@ -266,6 +355,7 @@ def run_bench(
         timing_method=describe_method(device, sweep.rounds),
         memory_method=CUDA_METHOD if device.type == "cuda" else CPU_METHOD,
         backends=passing,
+        cpu_fused=fused,
         gates=[g.as_dict() for g in gates],
         skipped=skipped,
         systems=list(systems.values()),

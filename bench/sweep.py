@@ -118,12 +118,12 @@ def default_sweep(device: torch.device, full: bool = False) -> Sweep:
             rounds=3,
         )
     # The quick CPU sweep is what the README reports: every system at the paper's size at three rollout
-    # batch sizes, one training batch and the recurrence at every preset's shape, in < 3 minutes on 2 cores.
+    # batch sizes, two training batches and the recurrence at every preset's shape, in a few minutes on 2 cores.
     return Sweep(
         mode="quick",
         workloads=WORKLOADS,
         inference_batches=(1, 64, 1024),
-        training_batches=(8,),
+        training_batches=(8, 16),
         recurrence_batches=(4,),
         gtrxl_memories=(128,),
         presets=tuple(ALL_PRESETS),

@@ -36,22 +36,31 @@ class SystemSpec:
     name: str  # e.g. "AGaLiTe-paper", "GTrXL-128", "LSTM-128x2"
     family: str  # "agalite" | "gtrxl" | "lstm"
     config: dict[str, Any] = field(hash=False)
-    mode: str | None = None  # GTrXL inference mode: "recompute" | "kv_cache"
+    # GTrXL inference mode: "recompute" | "kv_cache"; AGaLiTe: "eager" for the reference with the fused
+    # CPU recurrence switched off (AGALITE_CPU_FUSED=0), None for the default path.
+    mode: str | None = None
     backend: str | None = None  # AGaLiTe backend: "reference" | "triton"
 
     @property
     def label(self) -> str:
-        tag = self.mode or self.backend
-        return f"{self.name} [{tag}]" if tag else self.name
+        tags = ", ".join(t for t in (self.backend, self.mode) if t)
+        return f"{self.name} [{tags}]" if tags else self.name
 
 
-def agalite_specs(presets: list[str], backends: list[str]) -> list[SystemSpec]:
-    """``AGaLiTe-<preset>`` on each backend; ``paper`` first, since it is what ratios refer to."""
+def agalite_specs(presets: list[str], backends: list[str], eager: tuple[str, ...] = ()) -> list[SystemSpec]:
+    """``AGaLiTe-<preset>`` on each backend; ``paper`` first, since it is what ratios refer to. Presets in
+    ``eager`` are also timed on the reference with the fused CPU recurrence off, right after the default."""
     unknown = sorted(set(presets) - set(PRESETS))
     if unknown:
         raise ValueError(f"presets: expected names from {sorted(PRESETS)}, got {unknown}")
     ordered = sorted(presets, key=lambda p: p != "paper")
-    return [SystemSpec(f"AGaLiTe-{p}", "agalite", dict(PRESETS[p]), backend=b) for p in ordered for b in backends]
+    specs = []
+    for p in ordered:
+        for b in backends:
+            specs.append(SystemSpec(f"AGaLiTe-{p}", "agalite", dict(PRESETS[p]), backend=b))
+            if b == "reference" and p in eager:
+                specs.append(SystemSpec(f"AGaLiTe-{p}", "agalite", dict(PRESETS[p]), mode="eager", backend=b))
+    return specs
 
 
 def gtrxl_specs(memories: list[int], modes: list[str | None]) -> list[SystemSpec]:

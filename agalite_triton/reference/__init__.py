@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference implementation (ground truth and CPU fallback)."""
+"""Reference implementation: the eager PyTorch maths (ground truth) and its fused CPU form (``cpu_fused``)."""
 
 from .discounted_sum import discounted_sum
 from .recurrence import reference_recurrence

@@ -1,0 +1,563 @@
+"""The fused CPU recurrence: ``cpu_fused.cpp`` built at first use and called through ctypes.
+
+The eager reference makes a dozen passes over (B, T, R, H, E) temporaries per layer and call. The
+fused form walks each (environment, head) once per call, keeping its few KiB of state in L1 across the
+steps, for inference (any T, in place, with ``slots``, with ``restart``) and for training (an autograd
+Function whose backward recomputes the states from a checkpoint per chunk of steps and walks them
+backwards). Same maths as the reference; the rounding differences are listed in the C++ source.
+
+Why a small C++ library and not Inductor or a torch extension (bench/NOTES.md has the measurements): it
+needs no torch headers, so it builds in 4-12 s on two cores, once per machine, and loads in milliseconds
+in every later process; it has no shape specialisation (nothing is recompiled per batch size, step count
+or tick; Inductor recompiles per batch size unless dynamic, and its dynamic code was slower than eager
+here); and its OpenMP runtime is the one torch already loaded (same soname), so its threads are torch's.
+
+Switches: ``AGALITE_CPU_FUSED=0`` (read at every call) turns it off; ``AGALITE_CPU_CACHE`` sets the
+build directory (default ``$XDG_CACHE_HOME/agalite_triton`` or ``~/.cache/agalite_triton``); ``CXX``
+picks the compiler (default ``c++``, then ``g++``). Where no compiler works it warns once and every call
+takes the eager reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ..oscillator import oscillator_period, oscillator_table, step_residues
+
+__all__ = [
+    "FusedUnavailableWarning",
+    "build_info",
+    "enabled",
+    "forced",
+    "fresh_build_seconds",
+    "fused_recurrence",
+    "usable",
+]
+
+SOURCE = Path(__file__).with_name("cpu_fused.cpp")
+ABI_VERSION = 4
+# Flag sets tried in order: the host's ISA first; then portable code; then without OpenMP (one thread).
+FLAG_SETS = (
+    ["-O3", "-march=native", "-fopenmp"],
+    ["-O3", "-fopenmp"],
+    ["-O3"],
+)
+COMMON_FLAGS = ["-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
+# The backward recomputes a chunk of steps into a buffer of this size per thread (it should stay in L2).
+BACKWARD_BUFFER_BYTES = 512 * 1024
+
+State = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class FusedUnavailableWarning(RuntimeWarning):
+    """The fused CPU recurrence could not be built or loaded; the eager reference runs instead."""
+
+
+class _Args(ctypes.Structure):
+    # Mirrors ``struct Args`` in cpu_fused.cpp field for field.
+    _fields_ = [
+        ("proj", ctypes.c_void_p * 8),
+        ("proj_stride", ctypes.c_int64 * 24),  # [8][3] in C, flat here: one slice assignment fills it
+        ("dones", ctypes.c_void_p),
+        ("dones_stride", ctypes.c_int64 * 2),
+        ("dones_bool", ctypes.c_int64),
+        ("tick", ctypes.c_void_p),
+        ("tick_stride", ctypes.c_int64),
+        ("slots", ctypes.c_void_p),
+        ("table", ctypes.c_void_p),
+        ("period", ctypes.c_int64),
+        ("state_in", ctypes.c_void_p * 3),
+        ("state_in_stride", ctypes.c_int64 * 3),
+        ("state_out", ctypes.c_void_p * 3),
+        ("state_out_stride", ctypes.c_int64 * 3),
+        ("out", ctypes.c_void_p),
+        ("out_stride", ctypes.c_int64 * 3),
+        ("ckpt", ctypes.c_void_p),
+        ("chunk", ctypes.c_int64),
+        ("grad_out", ctypes.c_void_p),
+        ("grad_final", ctypes.c_void_p * 3),
+        ("grad_proj", ctypes.c_void_p * 8),
+        ("grad_proj_stride", ctypes.c_int64 * 24),
+        ("grad_state", ctypes.c_void_p * 3),
+        ("restart_index", ctypes.c_void_p),
+        ("residues", ctypes.c_void_p),
+        ("restart_state", ctypes.c_void_p * 3),
+        ("restart_state_stride", ctypes.c_int64 * 3),
+        ("grad_restart", ctypes.c_void_p * 3),
+        ("n", ctypes.c_int64),
+        ("t", ctypes.c_int64),
+        ("h", ctypes.c_int64),
+        ("d", ctypes.c_int64),
+        ("eta", ctypes.c_int64),
+        ("r", ctypes.c_int64),
+        ("eps", ctypes.c_double),
+        ("threads", ctypes.c_int64),
+    ]
+
+
+# ------------------------------------------------------------------------------------------ building
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_info: dict[str, Any] = {"state": "not built"}
+_override: list[bool] = []
+_compiles = [0]  # compiler runs in this process (a test checks that shapes and ticks never add any)
+
+
+def _cache_dir() -> Path:
+    explicit = os.environ.get("AGALITE_CPU_CACHE")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = Path(base) / "agalite_triton"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if os.access(path, os.W_OK):
+            return path
+    except OSError:
+        pass
+    # A read-only home (some CI runners, containers): a per-user directory under the temporary one.
+    return Path(tempfile.gettempdir()) / f"agalite_triton-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+
+
+def _compilers() -> list[str]:
+    named = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++"]
+    return [path for path in (shutil.which(c) for c in named) if path]
+
+
+def _cpu_flags() -> str:
+    # -march=native code must never be loaded on another CPU (a shared home directory): the build key
+    # includes what the CPU reports.
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(compiler: str, flags: list[str], target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Built under a temporary name and renamed: concurrent first uses never load a half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        cmd = [compiler, *flags, *COMMON_FLAGS, str(SOURCE), "-o", tmp]
+        _compiles[0] += 1
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            errors = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines()
+            raise RuntimeError(f"exit status {done.returncode}: {(errors or [''])[0].strip()[:300]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _info
+    if _info["state"] != "not built":
+        return _lib
+    with _lock:
+        if _info["state"] != "not built":
+            return _lib
+        started = time.perf_counter()
+        errors = []
+        source = SOURCE.read_bytes()
+        for compiler in _compilers():
+            for flags in FLAG_SETS:
+                key = hashlib.sha256(b"\0".join(
+                    [source, compiler.encode(), " ".join(flags + COMMON_FLAGS).encode(), _cpu_flags().encode()]
+                )).hexdigest()[:16]  # fmt: skip
+                target = _cache_dir() / f"cpu_fused-{key}.so"
+                try:
+                    cached = target.exists()
+                    if not cached:
+                        _build(compiler, flags, target)
+                    lib = ctypes.CDLL(str(target))
+                    if lib.agalite_abi_version() != ABI_VERSION:
+                        raise RuntimeError(f"{target}: ABI version {lib.agalite_abi_version()}, expected {ABI_VERSION}")
+                except Exception as exc:  # try the next flag set / compiler, then fall back
+                    errors.append(f"{compiler} {' '.join(flags)}: {exc}")
+                    continue
+                for name in ("agalite_forward_f32", "agalite_forward_f64", "agalite_backward_f32",
+                             "agalite_backward_f64"):  # fmt: skip
+                    fn = getattr(lib, name)
+                    fn.argtypes, fn.restype = [ctypes.POINTER(_Args)], None
+                _lib = lib
+                _info = dict(state="ready", path=str(target), compiler=compiler, flags=flags, cached=cached,
+                             seconds=time.perf_counter() - started, errors=errors)  # fmt: skip
+                return _lib
+        reason = "; ".join(errors) if errors else "no C++ compiler found (set CXX, or install g++)"
+        _info = dict(state="unavailable", reason=reason, seconds=time.perf_counter() - started)
+        warnings.warn(
+            f"agalite_triton: the fused CPU recurrence is unavailable, using the eager reference ({reason})",
+            FusedUnavailableWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def build_info() -> dict[str, Any]:
+    """Build (or load) the library now and say how it went: ``state`` ("ready" or "unavailable"),
+    ``seconds`` (build or load time in this process), ``cached`` (found built), ``path``, ``flags``,
+    ``compiler`` or ``reason``, and ``compiles`` (compiler runs in this process so far)."""
+    _load()
+    return dict(_info, compiles=_compiles[0])
+
+
+def fresh_build_seconds() -> float | None:
+    """Seconds a build from scratch takes on this machine (into a temporary directory; nothing is
+    loaded): the first-call cost of a process that finds no cached build. None where unavailable."""
+    info = build_info()
+    if info["state"] != "ready":
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        _build(info["compiler"], info["flags"], Path(tmp) / "fresh.so")
+        return time.perf_counter() - started
+
+
+def _reset_for_tests() -> None:
+    global _lib, _info
+    with _lock:
+        _lib, _info = None, {"state": "not built"}
+
+
+# ----------------------------------------------------------------------------------------- dispatch
+def enabled() -> bool:
+    """Whether calls may take the fused path: ``forced`` if set, else ``AGALITE_CPU_FUSED`` != "0"."""
+    if _override:
+        return _override[-1]
+    return os.environ.get("AGALITE_CPU_FUSED", "1") != "0"
+
+
+@contextlib.contextmanager
+def forced(on: bool) -> Iterator[None]:
+    """Turn the fused path on or off inside the block (for side-by-side benchmarks and tests)."""
+    _override.append(bool(on))
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+def usable(keys: torch.Tensor, dones: torch.Tensor | None) -> bool:
+    """Whether a reference call with these inputs takes the fused path (and, first time, builds it)."""
+    if keys.device.type != "cpu" or not enabled() or torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.is_functorch_wrapped_tensor(keys):
+        return False  # vmap / grad transforms: no raw memory to hand to the library
+    if dones is not None and dones.requires_grad:
+        return False  # floating dones with a gradient: only the eager path differentiates them
+    return _load() is not None
+
+
+def _addr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _row_major_inner(t: torch.Tensor) -> bool:
+    """Every dim after the first is contiguous (the batch stride is free)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _proj_ready(t: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+    if t.dtype != compute:
+        t = t.to(compute)
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+# Where each projection lies: (element offset from a base pointer, (n, t, h) strides, last-dim size).
+Layout = list[tuple[int, tuple[int, int, int], int]]
+
+
+def _layout(proj: list[torch.Tensor], base: torch.Tensor | None = None) -> Layout:
+    ref = 0 if base is None else base.storage_offset()
+    return [(p.storage_offset() - ref if base is not None else 0, tuple(p.stride()[:3]), p.shape[-1]) for p in proj]
+
+
+def _attention_base(proj: list[torch.Tensor]) -> torch.Tensor | None:
+    """The (B, T, 5 H D + 3 H eta) tensor of which the eight projections are the attention layer's views
+    (``AGaLiTeAttention``: keys..gamma interleaved per head, then p1..p3), or None.
+
+    Training through it lets the backward write one gradient for the whole projection, instead of eight
+    that autograd then stacks, pads and adds back together (a few passes over it per layer)."""
+    base = proj[0]._base
+    if base is None or base.dim() != 3 or not base.is_contiguous():
+        return None
+    batch, steps, heads, dim = proj[0].shape
+    eta = proj[5].shape[-1]
+    width = 5 * heads * dim + 3 * heads * eta
+    if tuple(base.shape) != (batch, steps, width) or base.dtype != proj[0].dtype:
+        return None
+    origin = base.storage_offset()
+    for i, p in enumerate(proj):
+        if i < 5:
+            offset, stride = i * dim, (steps * width, width, 5 * dim, 1)
+        else:
+            offset, stride = 5 * heads * dim + (i - 5) * eta, (steps * width, width, 3 * eta, 1)
+        if p._base is not base or p.storage_offset() - origin != offset or tuple(p.stride()) != stride:
+            return None
+    return base
+
+
+def _fill_common(
+    a: _Args,
+    ptrs: list[int],
+    strides: list[int],
+    sizes: tuple[int, int, int, int, int, int],
+    dones: torch.Tensor | None,
+    tick: torch.Tensor,
+    eps: float,
+) -> None:
+    """``ptrs``: the eight projections' addresses; ``strides``: their (n, t, h) strides, flat (24,)."""
+    a.proj[:] = ptrs
+    a.proj_stride[:] = strides
+    if dones is not None:
+        a.dones = dones.data_ptr()
+        a.dones_stride[:] = dones.stride()
+        a.dones_bool = dones.dtype == torch.bool
+    a.tick, a.tick_stride = tick.data_ptr(), tick.stride(0)
+    r = sizes[5]
+    a.table, a.period = oscillator_table(r).data_ptr(), oscillator_period(r)
+    a.n, a.t, a.h, a.d, a.eta, a.r = sizes
+    a.eps = eps
+    a.threads = torch.get_num_threads()
+
+
+def _flat_strides(layout: Layout) -> list[int]:
+    return [s for _, stride, _ in layout for s in stride]
+
+
+def _offset_ptrs(base: int, layout: Layout, itemsize: int) -> list[int]:
+    return [base + offset * itemsize for offset, _, _ in layout]
+
+
+def _set_state(a: _Args, field: str, tensors: State) -> None:
+    ptrs, strides = getattr(a, field), getattr(a, field + "_stride")
+    for i, x in enumerate(tensors):
+        ptrs[i], strides[i] = x.data_ptr(), x.stride(0)
+
+
+def _call(kind: str, compute: torch.dtype, a: _Args) -> None:
+    lib = _lib if _lib is not None else _load()
+    if lib is None:
+        raise RuntimeError(f"the fused CPU recurrence is unavailable: {_info.get('reason')}")
+    fn = getattr(lib, f"agalite_{kind}_{'f64' if compute == torch.float64 else 'f32'}")
+    if torch.autograd.profiler._is_profiler_enabled:
+        # Named in profiler traces, which do not see foreign calls otherwise (a record costs ~9 us).
+        with torch.profiler.record_function(f"agalite_triton::cpu_fused_{kind}"):
+            fn(ctypes.byref(a))
+    else:
+        fn(ctypes.byref(a))
+
+
+def _chunk(steps: int, width: int, itemsize: int) -> int:
+    return max(1, min(steps, BACKWARD_BUFFER_BYTES // (width * itemsize) - 1))
+
+
+Restart = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _restart_ready(restart: Restart, tick: torch.Tensor, steps: int, r: int, compute: torch.dtype) -> tuple:
+    """(index, residues) as contiguous int64 (B, T), and the three restart memories, row-major inside."""
+    index, tk_r, tv_r, s_r, tick_r = restart
+    residues = step_residues(tick, steps, r, index, tick_r).contiguous()
+    memories = tuple(
+        (x if x.dtype == compute else x.to(compute)) if _row_major_inner(x) else x.to(compute).contiguous()
+        for x in (tk_r, tv_r, s_r)
+    )
+    return index.contiguous(), residues, memories
+
+
+def _set_restart(a: _Args, index: torch.Tensor, residues: torch.Tensor, memories: State) -> None:
+    a.restart_index, a.residues = index.data_ptr(), residues.data_ptr()
+    _set_state(a, "restart_state", memories)
+
+
+def fused_recurrence(
+    keys: torch.Tensor,
+    queries: torch.Tensor,
+    values: torch.Tensor,
+    beta: torch.Tensor,
+    gamma: torch.Tensor,
+    p1: torch.Tensor,
+    p2: torch.Tensor,
+    p3: torch.Tensor,
+    dones: torch.Tensor | None,
+    tilde_k: torch.Tensor,
+    tilde_v: torch.Tensor,
+    s: torch.Tensor,
+    tick: torch.Tensor,
+    eps: float = 1e-5,
+    final_out: State | None = None,
+    slots: torch.Tensor | None = None,
+    restart: Restart | None = None,
+) -> tuple[torch.Tensor, State]:
+    """The reference recurrence, fused; arguments validated by the caller (see ``agalite_recurrence``)
+    and ``usable`` checked. ``slots`` (with ``final_out``): projection row n steps state row ``slots[n]``,
+    read and written in place through the index (no gather or scatter copy). ``restart``: where
+    ``index[b, t] = m >= 0``, step t starts from restart row m (memory and tick) instead of the carried
+    memory; gradients reach the restart memories and stop there."""
+    out_dtype = keys.dtype
+    compute = torch.float64 if out_dtype == torch.float64 else torch.float32
+    proj = [_proj_ready(x, compute) for x in (keys, queries, values, beta, gamma, p1, p2, p3)]
+    # Bool dones are read as bytes; floating ones in the compute dtype (1 - done, as the reference).
+    dones_c = dones if dones is None or dones.dtype == torch.bool else dones.to(compute)
+    batch, steps, heads, dim = keys.shape
+    sizes = (batch, steps, heads, dim, p1.shape[-1], tilde_k.shape[1])
+    state_in = tuple(x if _row_major_inner(x) else x.contiguous() for x in (tilde_k, tilde_v, s))
+    index = residues = None
+    memories: State | tuple[()] = ()
+    if restart is not None:
+        index, residues, memories = _restart_ready(restart, tick, steps, sizes[5], compute)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (*proj, *state_in, *memories)):
+        base = _attention_base(proj)
+        if base is not None:
+            inputs, layout = (base,), _layout(proj, base)
+        else:
+            inputs, layout = tuple(proj), _layout(proj)
+        out, *final = _FusedRecurrence.apply(
+            eps, dones_c, tick, index, residues, sizes, layout, len(inputs), *inputs, *state_in, *memories
+        )
+        return out.to(out_dtype), tuple(final)
+
+    if final_out is not None:
+        dest = tuple(
+            x if _row_major_inner(x) else torch.empty_like(x, memory_format=torch.contiguous_format) for x in final_out
+        )
+    else:
+        dest = tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in state_in)
+    out = torch.empty(batch, steps, heads, dim, dtype=compute)
+    a = _Args()
+    _fill_common(a, [p.data_ptr() for p in proj], [s for p in proj for s in p.stride()[:3]], sizes, dones_c, tick, eps)
+    _set_state(a, "state_in", state_in)
+    _set_state(a, "state_out", dest)
+    a.out = out.data_ptr()
+    a.out_stride[0], a.out_stride[1], a.out_stride[2] = out.stride()[:3]
+    if slots is not None:
+        slots = slots.contiguous()
+        a.slots = slots.data_ptr()
+    if index is not None:
+        _set_restart(a, index, residues, memories)
+    a.chunk = 1
+    _call("forward", compute, a)
+    if final_out is not None:
+        for want, got in zip(final_out, dest):
+            if want is not got:
+                want.copy_(got)
+        dest = final_out
+    return out.to(out_dtype), dest
+
+
+class _FusedRecurrence(torch.autograd.Function):
+    """Forward stores the state at the start of every chunk of steps; backward recomputes each chunk
+    from it (in a per-thread buffer) and walks it backwards: nothing of size (B, T) x state is saved.
+
+    The projections come either as the eight tensors or as the one tensor they are views of (with
+    ``layout``, their offsets and strides in it); the gradients come back the same way. With restarts
+    (``index`` not None) the three restart memories follow the state and receive gradients too."""
+
+    @staticmethod
+    def forward(ctx, eps, dones, tick, index, residues, sizes, layout, n_inputs, *tensors):
+        inputs, state_in, memories = tensors[:n_inputs], tensors[n_inputs : n_inputs + 3], tensors[n_inputs + 3 :]
+        batch, steps, heads, dim, eta, r = sizes
+        compute = inputs[0].dtype
+        ptrs = (
+            _offset_ptrs(inputs[0].data_ptr(), layout, compute.itemsize)
+            if n_inputs == 1
+            else [x.data_ptr() for x in inputs]
+        )
+        width = r * eta * dim + r * dim + eta * dim
+        chunk = _chunk(steps, width, compute.itemsize)
+        ckpt = torch.empty(batch, -(-steps // chunk), heads, width, dtype=compute)
+        dest = tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in state_in)
+        out = torch.empty(batch, steps, heads, dim, dtype=compute)
+        a = _Args()
+        _fill_common(a, ptrs, _flat_strides(layout), sizes, dones, tick, eps)
+        _set_state(a, "state_in", state_in)
+        _set_state(a, "state_out", dest)
+        a.out = out.data_ptr()
+        a.out_stride[0], a.out_stride[1], a.out_stride[2] = out.stride()[:3]
+        a.ckpt, a.chunk = ckpt.data_ptr(), chunk
+        if index is not None:
+            _set_restart(a, index, residues, memories)
+        _call("forward", compute, a)
+        ctx.eps, ctx.chunk, ctx.sizes, ctx.layout, ctx.n_inputs = eps, chunk, sizes, layout, n_inputs
+        ctx.has_dones, ctx.has_restart = dones is not None, index is not None
+        extra = (() if dones is None else (dones,)) + (() if index is None else (index, residues, *memories))
+        ctx.save_for_backward(tick, ckpt, *inputs, *extra)
+        return out, *dest
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, grad_k, grad_v, grad_s):
+        tick, ckpt, *rest = ctx.saved_tensors
+        inputs, rest = rest[: ctx.n_inputs], rest[ctx.n_inputs :]
+        dones = rest.pop(0) if ctx.has_dones else None
+        batch, steps, heads, dim, eta, r = ctx.sizes
+        compute = inputs[0].dtype
+        a = _Args()
+        size = compute.itemsize
+        if ctx.n_inputs == 1:
+            ptrs = _offset_ptrs(inputs[0].data_ptr(), ctx.layout, size)
+            grads = [torch.empty_like(inputs[0])]
+            grad_layout, grad_ptrs = ctx.layout, _offset_ptrs(grads[0].data_ptr(), ctx.layout, size)
+        else:
+            ptrs = [x.data_ptr() for x in inputs]
+            grads = [torch.empty(batch, steps, heads, dim if i < 5 else eta, dtype=compute) for i in range(8)]
+            grad_layout, grad_ptrs = _layout(grads), [g.data_ptr() for g in grads]
+        _fill_common(a, ptrs, _flat_strides(ctx.layout), ctx.sizes, dones, tick, ctx.eps)
+        a.grad_proj[:] = grad_ptrs
+        a.grad_proj_stride[:] = _flat_strides(grad_layout)
+        grad_out = torch.zeros(batch, steps, heads, dim, dtype=compute) if grad_out is None else grad_out
+        grad_out = grad_out.to(compute).contiguous()
+        finals = [None if g is None else g.to(compute).contiguous() for g in (grad_k, grad_v, grad_s)]
+        E = eta * dim
+        grad_state = (
+            torch.empty(batch, r, heads, E, dtype=compute),
+            torch.empty(batch, r, heads, dim, dtype=compute),
+            torch.empty(batch, heads, E, dtype=compute),
+        )
+        grad_memories: tuple[torch.Tensor, ...] = ()
+        if ctx.has_restart:
+            index, residues, *memories = rest
+            _set_restart(a, index, residues, tuple(memories))
+            grad_memories = tuple(torch.zeros(x.shape, dtype=compute) for x in memories)
+            for i, g in enumerate(grad_memories):
+                a.grad_restart[i] = g.data_ptr()
+        a.ckpt, a.chunk = ckpt.data_ptr(), ctx.chunk
+        a.grad_out = grad_out.data_ptr()
+        for i, g in enumerate(finals):
+            a.grad_final[i] = _addr(g)
+        for i, g in enumerate(grad_state):
+            a.grad_state[i] = g.data_ptr()
+        _call("backward", compute, a)
+        needs = ctx.needs_input_grad[8:]
+        every = [*grads, *grad_state, *grad_memories]
+        return (None,) * 8 + tuple(g if need else None for g, need in zip(every, needs))
