@@ -17,7 +17,8 @@ def load_runs(runs: Path, corridor: int) -> list[dict]:
     found = []
     for path in sorted(runs.glob("*/metrics.json")):
         result = json.loads(path.read_text())
-        if result["config"]["corridor"] == corridor:
+        # POPGym runs (examples/plot_popgym.py) carry a corridor setting too, which they ignore.
+        if result["config"].get("env", "tmaze") == "tmaze" and result["config"]["corridor"] == corridor:
             found.append(result)
     if not found:
         raise FileNotFoundError(f"runs: no metrics.json with corridor={corridor} under {runs}")

@@ -1,11 +1,25 @@
-"""Recurrent PPO on the cue-recall T-maze: AGaLiTe vs LSTM vs a memoryless MLP.
+"""Recurrent PPO on a memory task: AGaLiTe vs LSTM vs a memoryless MLP.
 
 CleanRL-style single file: vectorised envs, GAE, clipped objective, and minibatches of whole
 (env, segment) rows replayed from the recurrent state each env had at the segment's start
 (:class:`agalite_triton.rl.SegmentStates`), with episode ends inside a segment masked during the
-update exactly as during the rollout. The state is carried across rollouts, never rebuilt.
+update exactly as during the rollout. The state is carried across rollouts, never rebuilt. The first
+minibatch of every update, replayed before any optimiser step, must reproduce the rollout's
+log-probabilities and values (``replay_tolerance``); a replay that has lost the rollout's state or
+dones stops the run.
 
-    python examples/ppo_memory.py --core agalite --corridor 20 --seed 1
+    python examples/ppo_memory.py --core agalite --corridor 20 --seed 1          # the cue-recall T-maze
+    python examples/ppo_memory.py --env popgym:RepeatPreviousEasy --core agalite --r 4 --seed 1
+
+``--env popgym:<Name>`` takes any POPGym environment with a Discrete or MultiDiscrete action space
+(``pip install -e ".[rl]"``, which pins popgym 1.0.7), vectorised with gymnasium's ``SyncVectorEnv``
+(same-step autoreset). Observations are flattened with gymnasium's ``FlattenObservation``: a Discrete
+becomes a one-hot, a MultiDiscrete one one-hot per component, a Tuple or Dict the concatenation of
+its parts, a Box stays as it is; then float32. A MultiDiscrete action space becomes one Discrete over
+all combinations (POPGym's ``DiscreteAction``). Environments that declare ``obs_requires_prev_action``
+(MultiarmedBandit, Concentration, Battleship, MineSweeper) also get POPGym's ``PreviousAction`` and
+``Antialias`` wrappers (the previous action and an is-first-step flag in the observation);
+``--popgym-prev-action`` adds them to every environment, as POPGym's own baselines do.
 
 writes ``metrics.csv``, ``metrics.json`` and ``curve.png`` under ``examples/runs/<run name>/``.
 """
@@ -21,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
@@ -30,11 +45,15 @@ from agalite_triton.envs import TMazeVecEnv
 from agalite_triton.rl import SegmentStates
 
 CORES = ("agalite", "lstm", "none")
+POPGYM_PREFIX = "popgym:"
 
 
 @dataclasses.dataclass
 class PPOConfig:
     core: str = "agalite"
+    # "tmaze" (the cue-recall T-maze below) or "popgym:<Name>", e.g. "popgym:RepeatPreviousEasy".
+    env: str = "tmaze"
+    popgym_prev_action: bool = False
     corridor: int = 20
     num_distractors: int = 0
     seed: int = 1
@@ -43,6 +62,7 @@ class PPOConfig:
     num_steps: int = 128
     segment_len: int = 128
     learning_rate: float = 1e-3
+    adam_eps: float = 1e-5  # CleanRL's; torch's default is 1e-8
     anneal_lr: bool = True
     gamma: float = 0.99
     gae_lambda: float = 0.95
@@ -65,6 +85,9 @@ class PPOConfig:
     target_return: float = 0.9
     # Stop once this many consecutive rollouts reach target_return (0: always run total_timesteps).
     stop_after_target: int = 0
+    # Largest |difference| allowed between the rollout's and the first replayed minibatch's
+    # log-probabilities and values (float32 rounding; a replay from wrong states is far off).
+    replay_tolerance: float = 1e-4
 
     @property
     def batch_size(self) -> int:
@@ -73,6 +96,51 @@ class PPOConfig:
     @property
     def num_iterations(self) -> int:
         return self.total_timesteps // self.batch_size
+
+    @property
+    def run_name(self) -> str:
+        core = f"agalite_r{self.r}_eta{self.eta}" if self.core == "agalite" else self.core
+        if self.env == "tmaze":
+            return f"{self.core}_L{self.corridor}_s{self.seed}"
+        return f"{self.env.replace(':', '-')}_{core}_s{self.seed}"
+
+
+def make_popgym_envs(name: str, num_envs: int, prev_action: bool = False) -> gym.vector.VectorEnv:
+    """``num_envs`` copies of POPGym's ``name`` as a same-step-autoreset ``SyncVectorEnv`` with flat
+    observations (see the module docstring for the encoding) and one Discrete action space."""
+    try:
+        import popgym.envs
+        from popgym import wrappers
+    except ImportError as err:
+        raise ImportError(
+            f"env: popgym:{name} needs popgym (pip install -e '.[rl]', which pins popgym==1.0.7)"
+        ) from err
+    classes = {cls.__name__: cls for cls in popgym.envs.ALL}
+    if name not in classes:
+        raise ValueError(f"env: expected popgym:<Name> with Name one of {sorted(classes)}, got popgym:{name!r}")
+    cls = classes[name]
+    action_space = cls().action_space
+    if not isinstance(action_space, (gym.spaces.Discrete, gym.spaces.MultiDiscrete)):
+        raise ValueError(f"env: popgym:{name} has action space {action_space}; expected Discrete or MultiDiscrete")
+
+    def make() -> gym.Env:
+        env = cls()
+        if prev_action or cls.obs_requires_prev_action:
+            env = wrappers.Antialias(wrappers.PreviousAction(env))
+        if isinstance(action_space, gym.spaces.MultiDiscrete):
+            # Outside PreviousAction, so that the previous action is seen as one one-hot per component.
+            env = wrappers.DiscreteAction(env)
+        return gym.wrappers.FlattenObservation(env)
+
+    return gym.vector.SyncVectorEnv([make for _ in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+
+
+def make_envs(cfg: PPOConfig) -> gym.vector.VectorEnv:
+    if cfg.env == "tmaze":
+        return TMazeVecEnv(cfg.num_envs, corridor_len=cfg.corridor, num_distractors=cfg.num_distractors, seed=cfg.seed)
+    if cfg.env.startswith(POPGYM_PREFIX):
+        return make_popgym_envs(cfg.env[len(POPGYM_PREFIX) :], cfg.num_envs, cfg.popgym_prev_action)
+    raise ValueError(f"env: expected 'tmaze' or 'popgym:<Name>', got {cfg.env!r}")
 
 
 def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias: float = 0.0) -> nn.Linear:
@@ -203,11 +271,13 @@ def train(cfg: PPOConfig, run_dir: Path | None = None, progress: bool = True) ->
     torch.manual_seed(cfg.seed)
     shuffle_gen = torch.Generator().manual_seed(cfg.seed)
 
-    envs = TMazeVecEnv(cfg.num_envs, corridor_len=cfg.corridor, num_distractors=cfg.num_distractors, seed=cfg.seed)
+    envs = make_envs(cfg)
+    if not isinstance(envs.single_action_space, gym.spaces.Discrete):
+        raise ValueError(f"env: expected a Discrete action space, got {envs.single_action_space}")
     obs_dim = envs.single_observation_space.shape[0]
     device = torch.device(cfg.device)
     agent = Agent(obs_dim, int(envs.single_action_space.n), cfg).to(device)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=cfg.learning_rate, eps=1e-5)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=cfg.learning_rate, eps=cfg.adam_eps)
     segs = SegmentStates(cfg.num_envs, cfg.num_steps, cfg.segment_len)
 
     T, N = cfg.num_steps, cfg.num_envs
@@ -218,8 +288,12 @@ def train(cfg: PPOConfig, run_dir: Path | None = None, progress: bool = True) ->
     dones = torch.zeros(T, N, device=device)
     values = torch.zeros(T, N, device=device)
 
-    next_obs = torch.from_numpy(envs.reset(seed=cfg.seed)[0]).to(device)
+    def as_obs(o: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(o, dtype=np.float32)).to(device)
+
+    next_obs = as_obs(envs.reset(seed=cfg.seed)[0])
     next_done = torch.zeros(N, device=device)
+    running_return = np.zeros(N, np.float64)
     state = agent.initial_state(N, device)
     curve: list[dict[str, float]] = []
     global_step = 0
@@ -247,13 +321,16 @@ def train(cfg: PPOConfig, run_dir: Path | None = None, progress: bool = True) ->
             action = dist.sample()
             actions[step], logprobs[step], values[step] = action, dist.log_prob(action), value
             o, r, term, trunc, info = envs.step(action.cpu().numpy())
-            rewards[step] = torch.from_numpy(r).to(device)
-            next_obs = torch.from_numpy(o).to(device)
-            next_done = torch.from_numpy(term | trunc).float().to(device)
-            if "_episode_return" in info:
-                mask = info["_episode_return"]
-                ep_returns.extend(info["episode_return"][mask].tolist())
-                ep_success.extend(info["success"][mask].astype(float).tolist())
+            rewards[step] = torch.from_numpy(np.asarray(r, dtype=np.float32)).to(device)
+            next_obs = as_obs(o)
+            done = np.asarray(term | trunc)
+            next_done = torch.from_numpy(done).float().to(device)
+            running_return += r
+            if done.any():
+                ep_returns.extend(running_return[done].tolist())
+                running_return[done] = 0.0
+                if "success" in info:  # the T-maze's; POPGym has no success flag
+                    ep_success.extend(info["success"][done].astype(float).tolist())
         global_step += T * N
         rollout_time = time.perf_counter()
 
@@ -263,12 +340,24 @@ def train(cfg: PPOConfig, run_dir: Path | None = None, progress: bool = True) ->
 
         agent.train()
         clipfracs = []
+        replay_err = None
         for _ in range(cfg.update_epochs):
             for env_idx, seg_idx in segs.minibatches(cfg.num_minibatches, shuffle_gen):
                 rows = lambda x: segs.rows(x, env_idx, seg_idx)  # noqa: B023 - used inside this loop only
                 logits, new_value, _ = agent(rows(obs), segs.initial_states(env_idx, seg_idx), rows(dones))
                 dist = Categorical(logits=logits)
                 new_logprob = dist.log_prob(rows(actions))
+                if replay_err is None:
+                    # No optimiser step yet: the replay must give back what the rollout computed.
+                    with torch.no_grad():
+                        replay_err = max((new_logprob - rows(logprobs)).abs().max().item(),
+                                         (new_value - rows(values)).abs().max().item())  # fmt: skip
+                    if not replay_err <= cfg.replay_tolerance:
+                        raise RuntimeError(
+                            f"replay: iteration {iteration + 1}, the replayed minibatch differs from the rollout "
+                            f"by {replay_err:.3g} (log-probabilities or values), over replay_tolerance="
+                            f"{cfg.replay_tolerance}: the stored states or dones do not reproduce the rollout"
+                        )
                 log_ratio = new_logprob - rows(logprobs)
                 ratio = log_ratio.exp()
                 with torch.no_grad():
@@ -303,6 +392,7 @@ def train(cfg: PPOConfig, run_dir: Path | None = None, progress: bool = True) ->
             "v_loss": v_loss.item(),
             "entropy": entropy.item(),
             "clipfrac": float(np.mean(clipfracs)),
+            "replay_err": replay_err,
         }
         curve.append(point)
         if bar is not None:
@@ -348,7 +438,8 @@ def write_run(run_dir: Path, result: dict[str, Any]) -> None:
     ax.set_xlabel("environment steps")
     ax.set_ylabel("mean episode return (per rollout)")
     ax.set_ylim(-1.05, 1.05)
-    ax.set_title(f"T-maze corridor {cfg['corridor']}: {cfg['core']}, seed {cfg['seed']}")
+    task = f"T-maze corridor {cfg['corridor']}" if cfg.get("env", "tmaze") == "tmaze" else cfg["env"]
+    ax.set_title(f"{task}: {cfg['core']}, seed {cfg['seed']}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(run_dir / "curve.png", dpi=100)
@@ -368,12 +459,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[PPOConfig, Path]:
         else:
             kind = {"int": int, "float": float, "str": str}[field.type]
             parser.add_argument(flag, type=kind, default=field.default)
-    parser.add_argument("--run-dir", type=Path, default=None, help="default: examples/runs/<core>_L<corridor>_s<seed>")
+    parser.add_argument(
+        "--run-dir", type=Path, default=None,
+        help="default: examples/runs/<core>_L<corridor>_s<seed> (T-maze), examples/runs/popgym-<Name>_<core>_s<seed>",
+    )  # fmt: skip
     args = vars(parser.parse_args(argv))
     run_dir = args.pop("run_dir")
     cfg = PPOConfig(**args)
     if run_dir is None:
-        run_dir = Path(__file__).parent / "runs" / f"{cfg.core}_L{cfg.corridor}_s{cfg.seed}"
+        run_dir = Path(__file__).parent / "runs" / cfg.run_name
     return cfg, run_dir
 
 
@@ -381,7 +475,7 @@ def main() -> None:
     cfg, run_dir = parse_args()
     result = train(cfg, run_dir)
     print(
-        f"core={cfg.core} corridor={cfg.corridor} seed={cfg.seed}: final mean return {result['final_return']:.3f}, "
+        f"env={cfg.env} core={cfg.core} r={cfg.r} seed={cfg.seed}: final mean return {result['final_return']:.3f}, "
         f"reached {cfg.target_return} at {result['steps_to_target']} steps, "
         f"wall {result['wall_s']:.1f}s, {result['sps']:.0f} SPS -> {run_dir}"
     )
