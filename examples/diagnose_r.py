@@ -25,7 +25,8 @@ Three parts, each for every r asked for:
    training throughput of the example's model for several (eta, r).
 5. With ``--recall-lags``: the same model trained without RL (cross-entropy) to output the input
    shown ``lag`` steps earlier, to separate what the architecture can represent from what PPO finds.
-6. With ``--ppo-lag``: PPO as in the README's table on POPGym's RepeatPrevious moved to another lag.
+6. With ``--ppo-lag``: PPO as in the README's table on POPGym's RepeatPrevious moved to another lag
+   (``--ppo-update-epochs 16`` for the README's main setting).
 
     python examples/diagnose_r.py --env popgym:RepeatPreviousEasy --rs 2 4 8 --train-steps 98304
 
@@ -390,6 +391,8 @@ def main() -> None:
     parser.add_argument("--ppo-lag", type=int, default=None,
                         help="part 6: PPO (--ppo-steps) on RepeatPrevious at this lag, for --rs and --seeds")
     parser.add_argument("--ppo-steps", type=int, default=200_000)
+    parser.add_argument("--ppo-update-epochs", type=int, default=4,
+                        help="part 6: PPO epochs per rollout (as ppo_memory.py --update-epochs)")
     parser.add_argument("--skip-init", action="store_true", help="skip parts 1 and 2")
     args = parser.parse_args()
     ppo = _ppo()
@@ -409,9 +412,11 @@ def main() -> None:
         report["ppo_lag"] = []
         for seed in args.seeds:
             for r in args.rs:
-                cfg = ppo.PPOConfig(env=env, core="agalite", r=r, seed=seed, total_timesteps=args.ppo_steps, **cfg_kw)
+                cfg = ppo.PPOConfig(env=env, core="agalite", r=r, seed=seed, total_timesteps=args.ppo_steps,
+                                    update_epochs=args.ppo_update_epochs, **cfg_kw)  # fmt: skip
                 result = ppo.train(cfg, run_dir=HERE / "runs" / cfg.run_name, progress=False)
-                report["ppo_lag"].append({"r": r, "seed": seed, "final": result["final_return"]})
+                report["ppo_lag"].append({"r": r, "seed": seed, "update_epochs": cfg.update_epochs,
+                                          "final": result["final_return"]})  # fmt: skip
                 print(report["ppo_lag"][-1], flush=True)
     report["training"] = []
     if args.train_steps:

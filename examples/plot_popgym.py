@@ -1,13 +1,16 @@
 """Collect ``ppo_memory.py --env popgym:<Name>`` runs into one figure, one curves CSV and one summary JSON.
 
-    python examples/plot_popgym.py --out examples/results/popgym
+    python examples/plot_popgym.py --out examples/results/popgym                          # --update-epochs 16
+    python examples/plot_popgym.py --update-epochs 4 --out examples/results/popgym_epochs4
 
-reads every ``examples/runs/popgym-*/metrics.json``, labels each run by its core and by whatever it
-sets differently from the defaults below (``agalite r=8``, ``agalite r=8 adam_eps=1e-08``...), keeps
-the labels asked for (``--labels``, default: the five cores of the README's table), and writes
-``<out>.png`` (one panel per environment: every seed thin, the mean over seeds thick), ``<out>_curves.csv``
-and ``<out>_summary.json``, and prints the README's table. "final" is the mean return of the episodes
-that ended in the last rollout, "last 5" the mean of the last five rollouts' means.
+reads every ``examples/runs/popgym-*/metrics.json`` trained with ``--update-epochs`` PPO epochs per
+rollout (default 16, the README's main table; 4 is the example's default), labels each run by its
+core and by whatever it sets differently from the defaults below (``agalite r=8``, ``agalite r=8
+adam_eps=1e-08``...), keeps the labels asked for (``--labels``, default: the five cores of the
+README's table), and writes ``<out>.png`` (one panel per environment: every seed thin, the mean over
+seeds thick), ``<out>_curves.csv`` and ``<out>_summary.json``, and prints the README's table.
+"final" is the mean return of the episodes that ended in the last rollout, "last 5" the mean of the
+last five rollouts' means.
 """
 
 from __future__ import annotations
@@ -56,13 +59,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results" / "popgym")
     parser.add_argument("--labels", nargs="+", default=MAIN)
     parser.add_argument("--envs", nargs="+", default=None, help="default: every environment found")
+    parser.add_argument("--update-epochs", type=int, default=16, help="keep the runs with this many PPO epochs")
     args = parser.parse_args()
     results = [r for r in load(args.runs) if r["label"] in args.labels]
+    results = [r for r in results if r["config"]["update_epochs"] == args.update_epochs]
+    if not results:
+        raise FileNotFoundError(f"runs: none under {args.runs} with update_epochs={args.update_epochs} and a label in "
+                                f"{args.labels}")  # fmt: skip
     envs = args.envs or sorted({r["env_name"] for r in results})
     results = [r for r in results if r["env_name"] in envs]
     budgets = {(r["config"]["total_timesteps"], r["config"]["num_envs"], r["config"]["num_steps"]) for r in results}
     if len(budgets) != 1:
         raise ValueError(f"runs: expected one budget (total_timesteps, num_envs, num_steps), got {sorted(budgets)}")
+    minibatches = {r["config"]["num_minibatches"] for r in results}
+    if len(minibatches) != 1:
+        raise ValueError(f"runs: expected one num_minibatches for all runs, got {sorted(minibatches)}")
 
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for res in sorted(results, key=lambda r: r["config"]["seed"]):
@@ -99,7 +110,10 @@ def main() -> None:
         ax.grid(alpha=0.3)
         ax.set_ylabel("mean episode return per rollout")
         ax.legend(loc="best", fontsize=7)
-    fig.suptitle("PPO on POPGym, 32 envs x 128 steps per rollout (thin: seeds, thick: mean)")
+    cfg0 = results[0]["config"]
+    fig.suptitle(f"PPO on POPGym, {cfg0['num_envs']} envs x {cfg0['num_steps']} steps per rollout, "
+                 f"{cfg0['update_epochs']} epochs x {cfg0['num_minibatches']} minibatches "
+                 "(thin: seeds, thick: mean)")  # fmt: skip
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out.with_suffix(".png"), dpi=80)

@@ -100,9 +100,11 @@ class PPOConfig:
     @property
     def run_name(self) -> str:
         core = f"agalite_r{self.r}_eta{self.eta}" if self.core == "agalite" else self.core
+        # Beside, not over, the runs with the default number of epochs.
+        epochs = "" if self.update_epochs == PPOConfig.update_epochs else f"_ep{self.update_epochs}"
         if self.env == "tmaze":
-            return f"{self.core}_L{self.corridor}_s{self.seed}"
-        return f"{self.env.replace(':', '-')}_{core}_s{self.seed}"
+            return f"{self.core}_L{self.corridor}{epochs}_s{self.seed}"
+        return f"{self.env.replace(':', '-')}_{core}{epochs}_s{self.seed}"
 
 
 def make_popgym_envs(name: str, num_envs: int, prev_action: bool = False) -> gym.vector.VectorEnv:
@@ -461,7 +463,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[PPOConfig, Path]:
             parser.add_argument(flag, type=kind, default=field.default)
     parser.add_argument(
         "--run-dir", type=Path, default=None,
-        help="default: examples/runs/<core>_L<corridor>_s<seed> (T-maze), examples/runs/popgym-<Name>_<core>_s<seed>",
+        help="default: examples/runs/<core>_L<corridor>_s<seed> (T-maze), examples/runs/popgym-<Name>_<core>_s<seed>, "
+        "with _ep<n> before _s<seed> for --update-epochs other than 4",
     )  # fmt: skip
     args = vars(parser.parse_args(argv))
     run_dir = args.pop("run_dir")
