@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -289,18 +291,26 @@ class AGaLiTe(nn.Module):
         return (h if self.batch_first else h.transpose(0, 1)), new_state
 
     def _time_mask(
-        self, name: str, mask: torch.Tensor | None, batch: int, steps: int, single: bool, device: torch.device
+        self,
+        name: str,
+        mask: torch.Tensor | None,
+        batch: int,
+        steps: int,
+        single: bool,
+        device: torch.device,
+        check: Callable[..., object] = check_dones,
     ) -> torch.Tensor | None:
-        """``dones`` in the batch-first (B, T) layout, checked against x's layout."""
+        """A per-step mask (``dones``, ``restart``) in the batch-first (B, T) layout, checked against x's
+        layout by ``check(name, mask, shape=..., device=...)``."""
         if mask is None:
             return None
         if single:
-            check_dones(name, mask, (batch,), device)
+            check(name, mask, shape=(batch,), device=device)
             return mask.unsqueeze(1)
         if self.batch_first:
-            check_dones(name, mask, (batch, steps), device)
+            check(name, mask, shape=(batch, steps), device=device)
             return mask
-        check_dones(name, mask, (steps, batch), device)
+        check(name, mask, shape=(steps, batch), device=device)
         return mask.transpose(0, 1)
 
     def _restart_index(
@@ -318,14 +328,9 @@ class AGaLiTe(nn.Module):
         if restart is None or restart_state is None:
             missing = "restart" if restart is None else "restart_state"
             raise ValueError(f"{missing}: expected restart and restart_state together, got only one of them")
-        if single:
-            check_tensor("restart", restart, shape=(batch,), dtype=torch.bool, device=device)
-            restart = restart.unsqueeze(1)
-        elif self.batch_first:
-            check_tensor("restart", restart, shape=(batch, steps), dtype=torch.bool, device=device)
-        else:
-            check_tensor("restart", restart, shape=(steps, batch), dtype=torch.bool, device=device)
-            restart = restart.transpose(0, 1)
+        restart = self._time_mask(
+            "restart", restart, batch, steps, single, device, check=functools.partial(check_tensor, dtype=torch.bool)
+        )
         if not isinstance(restart_state, AGaLiTeState):
             raise TypeError(f"restart_state: expected an AGaLiTeState, got {type(restart_state).__name__}")
         self.check_state(restart_state, restart_state.batch_size, device, name="restart_state")

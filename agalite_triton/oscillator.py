@@ -84,12 +84,7 @@ def oscillator_coefficients(tick: torch.Tensor, steps: int, r: int) -> torch.Ten
     ``tick`` (B,) int64 is the tick *before* the call; step t (0-based) uses ``tick + t + 1``, as the
     original's ``tick + arange(1, T + 1)``.
     """
-    period = oscillator_period(r)
-    # Reduce before adding so that no intermediate can overflow int64, whatever the tick.
-    steps_idx = torch.arange(1, steps + 1, device=tick.device, dtype=torch.int64)
-    residue = torch.remainder(tick_residue(tick, r).unsqueeze(-1) + steps_idx, period)
-    table = oscillator_table(r, device=tick.device)
-    return table.t()[residue]
+    return oscillator_table(r, device=tick.device).t()[step_residues(tick, steps, r)]
 
 
 def step_residues(
@@ -110,7 +105,7 @@ def step_residues(
     period = oscillator_period(r)
     device = tick.device
     t_idx = torch.arange(steps, device=device, dtype=torch.int64)
-    base = tick_residue(tick, r).unsqueeze(-1)  # (B, 1)
+    base = tick_residue(tick, r).unsqueeze(-1)  # (B, 1); reduced before adding, so nothing overflows int64
     if restart_index is None:
         return torch.remainder(base + (t_idx + 1), period).expand(tick.shape[0], steps)
     # The last restart at or before each step, by a running maximum of restart positions (-1: none).

@@ -116,65 +116,27 @@ def agalite_recurrence(
         check_restart_args(restart, batch, steps, (tilde_k, tilde_v, s), device, check_values)
 
     chosen = resolve_backend(backend, device)
-    if slots is not None:
-        return _slots_recurrence(
-            chosen, keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick, eps,
-            final_out, slots,
-        )  # fmt: skip
     if steps == 0:
-        # Nothing to scan: an empty read-out and the incoming state, copied so callers may mutate it.
-        if final_out is not None:
-            for dst, src in zip(final_out, (tilde_k, tilde_v, s)):
+        # Nothing to scan: an empty read-out and the incoming state (its ``slots`` rows), copied so
+        # callers may mutate it.
+        out = keys.new_empty(batch, 0, heads, dim)
+        if final_out is None:
+            return out, (tilde_k.clone(), tilde_v.clone(), s.clone())
+        for dst, src in zip(final_out, (tilde_k, tilde_v, s)):
+            if slots is None:
                 dst.copy_(src)
-            return keys.new_empty(batch, 0, heads, dim), final_out
-        return keys.new_empty(batch, 0, heads, dim), (tilde_k.clone(), tilde_v.clone(), s.clone())
+            else:
+                dst.index_copy_(0, slots, src.index_select(0, slots))
+        return out, final_out
     if chosen == "triton":
         from .kernels import triton_recurrence
 
         return triton_recurrence(
             keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick,
-            eps=eps, final_out=final_out, restart=restart,
+            eps=eps, final_out=final_out, slots=slots, restart=restart,
         )  # fmt: skip
+    # With slots the reference reads and writes the slot rows itself (fused on CPU; gathered otherwise).
     return reference_recurrence(
         keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick,
-        eps=eps, final_out=final_out, restart=restart,
+        eps=eps, final_out=final_out, slots=slots, restart=restart,
     )  # fmt: skip
-
-
-def _slots_recurrence(
-    chosen: str,
-    keys: torch.Tensor,
-    queries: torch.Tensor,
-    values: torch.Tensor,
-    beta: torch.Tensor,
-    gamma: torch.Tensor,
-    p1: torch.Tensor,
-    p2: torch.Tensor,
-    p3: torch.Tensor,
-    dones: torch.Tensor | None,
-    tilde_k: torch.Tensor,
-    tilde_v: torch.Tensor,
-    s: torch.Tensor,
-    tick: torch.Tensor,
-    eps: float,
-    final_out: State,
-    slots: torch.Tensor,
-) -> tuple[torch.Tensor, State]:
-    """Step the state rows ``slots`` (validated by the caller) and write them into ``final_out``."""
-    if chosen == "triton":
-        from .kernels import triton_recurrence
-
-        return triton_recurrence(
-            keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick,
-            eps=eps, final_out=final_out, slots=slots,
-        )  # fmt: skip
-    if keys.shape[1] == 0:
-        for dst, src in zip(final_out, (tilde_k, tilde_v, s)):
-            dst.index_copy_(0, slots, src.index_select(0, slots))
-        return keys.new_empty(keys.shape), final_out
-    # The reference reads and writes the slot rows itself (fused on CPU; gathered otherwise).
-    out, final_out = reference_recurrence(
-        keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick,
-        eps=eps, final_out=final_out, slots=slots,
-    )  # fmt: skip
-    return out, final_out

@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 
 from .backward import recurrence_backward
-from .config import get_config
 from .forward import recurrence_forward, saved_length
 from .launch import dims_of
 from .step import step_forward
@@ -262,8 +261,7 @@ def _(keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s
 
 def forward_chunk(keys: torch.Tensor, eta: int, r: int) -> int:
     """The checkpoint interval a forward at these sizes takes now (from the launch table)."""
-    dims = dims_of(keys, eta, r)
-    return get_config("forward", dims.r_pad, dims.eta_pad, dims.d_pad).chunk
+    return dims_of(keys, eta, r).config("forward").chunk
 
 
 def triton_recurrence(

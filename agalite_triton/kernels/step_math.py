@@ -63,8 +63,7 @@ def readout(tk, tv, s, query, two_r, eps):
     score = tl.sum(tl.sum(tk * query[None, :, :], axis=2), axis=1)
     norm = tl.sum(tl.sum(s * query, axis=1), axis=0)
     den = two_r * norm + eps
-    num = tl.sum(tv * score[:, None], axis=0)
-    return num / den, score, den
+    return readout_from_scores(tv, score, den), score, den
 
 
 @triton.jit

@@ -400,6 +400,34 @@ def _set_restart(a: _Args, index: torch.Tensor, residues: torch.Tensor, memories
     _set_state(a, "restart_state", memories)
 
 
+def _forward_args(
+    ptrs: list[int],
+    strides: list[int],
+    sizes: tuple[int, int, int, int, int, int],
+    dones: torch.Tensor | None,
+    tick: torch.Tensor,
+    eps: float,
+    state_in: State,
+    state_out: State,
+    out: torch.Tensor,
+    index: torch.Tensor | None,
+    residues: torch.Tensor | None,
+    memories: State | tuple[()],
+) -> _Args:
+    """The arguments of a forward call (no checkpoints: ``chunk`` 1; restarts where ``index`` is given)."""
+    a = _Args()
+    _fill_common(a, ptrs, strides, sizes, dones, tick, eps)
+    _set_state(a, "state_in", state_in)
+    _set_state(a, "state_out", state_out)
+    a.out = out.data_ptr()
+    a.out_stride[:] = out.stride()[:3]
+    a.chunk = 1
+    if index is not None:
+        assert residues is not None and len(memories) == 3
+        _set_restart(a, index, residues, memories)
+    return a
+
+
 def fused_recurrence(
     keys: torch.Tensor,
     queries: torch.Tensor,
@@ -454,18 +482,11 @@ def fused_recurrence(
     else:
         dest = tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in state_in)
     out = torch.empty(batch, steps, heads, dim, dtype=compute)
-    a = _Args()
-    _fill_common(a, [p.data_ptr() for p in proj], [s for p in proj for s in p.stride()[:3]], sizes, dones_c, tick, eps)
-    _set_state(a, "state_in", state_in)
-    _set_state(a, "state_out", dest)
-    a.out = out.data_ptr()
-    a.out_stride[0], a.out_stride[1], a.out_stride[2] = out.stride()[:3]
+    a = _forward_args([p.data_ptr() for p in proj], _flat_strides(_layout(proj)), sizes, dones_c, tick, eps,
+                      state_in, dest, out, index, residues, memories)  # fmt: skip
     if slots is not None:
         slots = slots.contiguous()
         a.slots = slots.data_ptr()
-    if index is not None:
-        _set_restart(a, index, residues, memories)
-    a.chunk = 1
     _call("forward", compute, a)
     if final_out is not None:
         for want, got in zip(final_out, dest):
@@ -498,15 +519,9 @@ class _FusedRecurrence(torch.autograd.Function):
         ckpt = torch.empty(batch, -(-steps // chunk), heads, width, dtype=compute)
         dest = tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in state_in)
         out = torch.empty(batch, steps, heads, dim, dtype=compute)
-        a = _Args()
-        _fill_common(a, ptrs, _flat_strides(layout), sizes, dones, tick, eps)
-        _set_state(a, "state_in", state_in)
-        _set_state(a, "state_out", dest)
-        a.out = out.data_ptr()
-        a.out_stride[0], a.out_stride[1], a.out_stride[2] = out.stride()[:3]
+        a = _forward_args(ptrs, _flat_strides(layout), sizes, dones, tick, eps, state_in, dest, out, index, residues,
+                          memories)  # fmt: skip
         a.ckpt, a.chunk = ckpt.data_ptr(), chunk
-        if index is not None:
-            _set_restart(a, index, residues, memories)
         _call("forward", compute, a)
         ctx.eps, ctx.chunk, ctx.sizes, ctx.layout, ctx.n_inputs = eps, chunk, sizes, layout, n_inputs
         ctx.has_dones, ctx.has_restart = dones is not None, index is not None

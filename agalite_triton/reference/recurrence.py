@@ -182,7 +182,6 @@ def _gathered(
     return out, final_out
 
 
-# ---- restart (TorchRL recurrent-mode replay; owner: engineer F) ----------------------------------------
 def _restart_scans(
     restart: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     tick: torch.Tensor,
@@ -226,5 +225,3 @@ def _restart_scans(
     v_states = discounted_sum(x_v, decay_v.unsqueeze(2), tilde_v, buf_v)
     return k_states, s_states, v_states
 
-
-# ---- end restart ---------------------------------------------------------------------------------------
