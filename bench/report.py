@@ -153,17 +153,19 @@ def fused_line(doc: dict[str, Any]) -> str | None:
     how = "loaded from its cache" if info.get("cached") else "built"
     fresh = info.get("fresh_build_s")
     passed = info.get("gate_passed", True)
-    line = (
-        f"`[reference]` on CPU runs the fused CPU recurrence (`agalite_triton/reference/cpu_fused.cpp`, "
-        f"`{' '.join(info.get('flags') or [])}`; {how} in {info['seconds']:.2f} s in this run"
+    built = (
+        f"`agalite_triton/reference/cpu_fused.cpp`, `{' '.join(info.get('flags') or [])}`; {how} in "
+        f"{info['seconds']:.2f} s in this run"
         + (f"; a fresh build takes {fresh:.1f} s, once per machine" if fresh is not None else "")
-        + "); `[reference, eager]` is the same reference with it off (`AGALITE_CPU_FUSED=0`)."
     )
     if not info.get("enabled", True):
-        line += " AGALITE_CPU_FUSED=0 was set, so `[reference]` ran eager too."
+        return f"AGALITE_CPU_FUSED=0 was set, so `[reference]` ran the eager reference (fused CPU recurrence: {built})."
     if not passed:
-        line += " The fused path failed its gate, so every reference case ran eager."
-    return line
+        return f"The fused CPU recurrence ({built}) failed its gate, so `[reference]` ran the eager reference."
+    return (
+        f"`[reference]` on CPU runs the fused CPU recurrence ({built}); `[reference, eager]` is the same "
+        "reference with it off (`AGALITE_CPU_FUSED=0`)."
+    )
 
 
 def _load(device: dict[str, Any]) -> str:

@@ -101,8 +101,14 @@ def _model_fn(
 
 
 def _side_by_side(device: torch.device, backends: list[str]) -> bool:
-    """Whether the eager CPU reference is timed beside the default (fused) one."""
-    return device.type == "cpu" and "reference" in backends and cpu_fused.build_info()["state"] == "ready"
+    """Whether the eager CPU reference is timed beside the default one: only where the default is the
+    fused recurrence (built, and neither switched off nor forced off after a failed gate)."""
+    return (
+        device.type == "cpu"
+        and "reference" in backends
+        and cpu_fused.enabled()
+        and cpu_fused.build_info()["state"] == "ready"
+    )
 
 
 def plan(sweep: Sweep, device: torch.device, backends: list[str]) -> list[Case]:
@@ -111,7 +117,8 @@ def plan(sweep: Sweep, device: torch.device, backends: list[str]) -> list[Case]:
     On CPU, AGaLiTe and the recurrence at the paper's size also run on the eager reference
     (``[reference, eager]``, the fused CPU recurrence off) right after the default ``[reference]``."""
     presets, memories, T = list(sweep.presets), list(sweep.gtrxl_memories), sweep.seq_len
-    eager = ("paper",) if _side_by_side(device, backends) else ()
+    side_by_side = _side_by_side(device, backends)
+    eager = ("paper",) if side_by_side else ()
     workloads = {
         "inference": ([*agalite_specs(presets, backends, eager), *gtrxl_specs(memories, ["recompute", "kv_cache"]),
                        *lstm_specs()], sweep.inference_batches, 1),
@@ -131,7 +138,7 @@ def plan(sweep: Sweep, device: torch.device, backends: list[str]) -> list[Case]:
     if "recurrence" in sweep.workloads:
         shapes = [s for s in recurrence_shapes(presets) if sweep.keeps(s.name)]
         paths = [(b, None) for b in backends]
-        if _side_by_side(device, backends):
+        if side_by_side:
             paths.insert(paths.index(("reference", None)) + 1, ("reference", "eager"))
         for backward, shape, (backend, mode), dtype, b in itertools.product(
             (False, True), shapes, paths, sweep.dtypes, sweep.recurrence_batches

@@ -185,6 +185,25 @@ def test_sweep_selections_are_checked():
     assert default_sweep(torch.device("cpu"), full=True).gtrxl_memories == (32, 64, 128, 256)
 
 
+def test_eager_rows_only_beside_the_fused_path():
+    """``[reference, eager]`` is timed beside ``[reference]`` only while the latter is the fused path;
+    with the fused path off both would time the same eager code."""
+    from agalite_triton.reference import cpu_fused
+
+    if cpu_fused.build_info()["state"] != "ready":
+        pytest.skip("the fused CPU recurrence cannot be built here")
+    cpu = torch.device("cpu")
+    sweep = default_sweep(cpu).narrowed(presets=["paper"], batches=[2])
+
+    def eager_labels() -> set[str]:
+        return {c.system["label"] for c in bench_run.plan(sweep, cpu, ["reference"]) if c.system["mode"] == "eager"}
+
+    with cpu_fused.forced(True):
+        assert eager_labels() == {"AGaLiTe-paper [reference, eager]", "recurrence-paper [reference, eager]"}
+    with cpu_fused.forced(False):
+        assert eager_labels() == set()
+
+
 def test_micro_benchmarks_are_not_collected_by_default():
     tomllib = pytest.importorskip("tomllib")
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())

@@ -37,11 +37,10 @@ from triton.backends.compiler import GPUTarget
 from ..presets import PRESETS
 from . import backward, config, forward, step
 from .launch import dims_of
+from .occupancy import blocks_per_sm
 
 __all__ = ["KERNEL_CASES", "blocks_per_sm", "compile_report", "format_report"]
 
-# sm_90 (H100 / H200) per-SM limits.
-SM90 = dict(registers=65536, reg_unit=256, max_threads=2048, max_blocks=32, shared=233472, shared_reserved=1024)
 
 # What each report line compiles: the training forward (checkpoints), the inference forward writing
 # into the state, the backward, the in-place step, and the slot / restart variants.
@@ -56,21 +55,6 @@ KERNEL_CASES = (
     "step_slots",
 )
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
-
-
-def blocks_per_sm(registers: int, num_warps: int, shared: int, limits: dict = SM90) -> tuple[int, str]:
-    """Resident blocks per SM and what limits them: registers are allocated per warp in units of 256,
-    shared memory per block with 1 KiB reserved, at most 2048 threads and 32 blocks."""
-    unit = limits["reg_unit"]
-    regs_per_warp = -(-max(registers, 1) * 32 // unit) * unit
-    by = {
-        "registers": limits["registers"] // (regs_per_warp * num_warps),
-        "threads": limits["max_threads"] // (32 * num_warps),
-        "shared": limits["shared"] // (shared + limits["shared_reserved"]),
-        "blocks": limits["max_blocks"],
-    }
-    limiter = min(by, key=lambda k: by[k])
-    return by[limiter], limiter
 
 
 class _Sm90Driver:

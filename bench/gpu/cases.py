@@ -13,7 +13,7 @@ output must be finite, so an element a kernel forgets to write fails at any row.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,10 +31,11 @@ __all__ = [
     "compare",
     "make_inputs",
     "poisoned",
+    "recurrence_fn",
     "reference",
+    "rel_error",
     "run_recurrence",
     "run_step",
-    "step_reference",
     "tolerance",
 ]
 
@@ -159,6 +160,33 @@ def reference(inp: Inputs, grad: bool) -> dict[str, torch.Tensor]:
     return run_recurrence(inp, grad, backend="reference", rows=inp.rows, upcast=True)
 
 
+def recurrence_fn(inp: Inputs, backend: str, backward: bool) -> Callable[[], None]:
+    """A timed call of ``agalite_recurrence`` on ``inp``: forward without grad, or forward + backward."""
+    if not backward:
+
+        def forward() -> None:
+            with torch.no_grad():
+                agalite_recurrence(*inp.proj, inp.dones, *inp.state, inp.tick, backend=backend)
+
+        return forward
+    leaves = [p.detach().requires_grad_(True) for p in inp.proj]
+
+    def forward_backward() -> None:
+        for p in leaves:
+            p.grad = None
+        out, _ = agalite_recurrence(*leaves, inp.dones, *inp.state, inp.tick, backend=backend)
+        out.backward(inp.grad_out)
+
+    return forward_backward
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64 (||a - b|| where b is zero)."""
+    a, b = a.detach().double(), b.detach().double()
+    denominator = float(b.norm())
+    return float((a - b).norm()) / (denominator if denominator > 0 else 1.0)
+
+
 def compare(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], rows: torch.Tensor,
             dtype: str) -> tuple[bool, dict[str, Any]]:  # fmt: skip
     """(passed, details): per tensor the relative error on ``rows`` and whether the whole tensor is
@@ -173,9 +201,7 @@ def compare(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], rows: to
             continue
         if not bool(torch.isfinite(g).all()):
             not_finite.append(name)
-        g_rows = g[rows].double() if g.shape[0] != r.shape[0] else g.double()
-        denominator = float(r.norm())
-        err = float((g_rows - r).norm()) / (denominator if denominator > 0 else 1.0)
+        err = rel_error(g[rows] if g.shape[0] != r.shape[0] else g, r)
         errors[name] = err
         if not err <= tolerance(dtype, name.startswith("d_")):  # NaN fails too
             failed.append(name)
@@ -192,10 +218,6 @@ def check(inp: Inputs, ref: dict[str, torch.Tensor], grad: bool, backend: str = 
     detail["poisoned"] = poison
     return passed, detail
 
-
-def step_reference(inp: Inputs) -> dict[str, torch.Tensor]:
-    """One step (T = 1) of the float64 oracle on ``inp.rows``."""
-    return run_recurrence(inp, grad=False, backend="reference", rows=inp.rows, upcast=True)
 
 
 def run_step(inp: Inputs, how: str) -> dict[str, torch.Tensor]:

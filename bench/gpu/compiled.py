@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 import os
 import pkgutil
 import subprocess
@@ -26,33 +25,25 @@ from .stage import Session, Stage
 
 __all__ = ["blocks_per_sm", "compiled_kernels", "describe", "jit_kernels", "new_kernels", "run", "snapshot"]
 
-# sm_90 limits, used where the device properties do not say.
-SM90 = dict(regs_per_sm=65536, max_threads=2048, max_blocks=32, smem_per_sm=233472, smem_reserved=1024)
+def blocks_per_sm(regs: int, warps: int, shared: int, limits: dict[str, int] | None = None) -> dict[str, int | None]:
+    """Resident blocks per SM, what limits them, and what each resource allows (``max_by_shared`` None
+    for a kernel without shared memory); sm_90 limits where the device properties do not say."""
+    from agalite_triton.kernels.occupancy import blocks_per_sm as resident
+    from agalite_triton.kernels.occupancy import limits_by
 
-
-def blocks_per_sm(regs: int, warps: int, shared: int, limits: dict[str, int] | None = None) -> dict[str, int]:
-    """Resident blocks per SM and what limits them. Registers are allocated per warp in units of 256
-    (a thread's count rounded up to a multiple of 8); each block also reserves 1 KiB of shared memory."""
-    lim = dict(SM90, **(limits or {}))
-    per_warp = math.ceil(max(regs, 1) * 32 / 256) * 256
-    by = dict(
-        registers=(lim["regs_per_sm"] // per_warp) // warps,
-        threads=lim["max_threads"] // (32 * warps),
-        shared=lim["smem_per_sm"] // (shared + lim["smem_reserved"]) if shared else None,
-        blocks=lim["max_blocks"],
-    )  # fmt: skip
-    bounds = {k: v for k, v in by.items() if v is not None}
-    blocks = min(bounds.values())
-    limit = next(k for k in ("registers", "threads", "shared", "blocks") if bounds.get(k) == blocks)
-    return dict(blocks_per_sm=blocks, limited_by=limit, **{f"max_by_{k}": v for k, v in by.items()})
+    blocks, limiter = resident(regs, warps, shared, limits)
+    by: dict[str, int | None] = dict(limits_by(regs, warps, shared, limits))
+    if not shared:
+        by["shared"] = None
+    return dict(blocks_per_sm=blocks, limited_by=limiter, **{f"max_by_{k}": v for k, v in by.items()})
 
 
 def device_limits(device: torch.device) -> dict[str, int]:
     if device.type != "cuda":
         return {}
     props = torch.cuda.get_device_properties(device)
-    pairs = (("regs_per_sm", "regs_per_multiprocessor"), ("max_threads", "max_threads_per_multi_processor"),
-             ("smem_per_sm", "shared_memory_per_multiprocessor"))  # fmt: skip
+    pairs = (("registers", "regs_per_multiprocessor"), ("max_threads", "max_threads_per_multi_processor"),
+             ("shared", "shared_memory_per_multiprocessor"))  # fmt: skip
     return {ours: int(getattr(props, theirs)) for ours, theirs in pairs if getattr(props, theirs, None)}
 
 

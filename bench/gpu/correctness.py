@@ -80,7 +80,7 @@ def _step_cases(session: Session, stage: Stage, case: Case) -> None:
         def one(how: str = how) -> dict[str, Any]:
             if "inp" not in holder:
                 holder["inp"] = cases.case_inputs(case, device, plan.ref_rows, seed=7)
-                holder["ref"] = cases.step_reference(holder["inp"])
+                holder["ref"] = cases.reference(holder["inp"], grad=False)
             inp = holder["inp"]
             with cases.poisoned() as poison:
                 got = cases.run_step(inp, how)
@@ -113,7 +113,7 @@ def _slots(holder: dict[str, Any], case: Case, session: Session) -> dict[str, An
     sub = cases.Inputs(inp.shape, inp.dtype, [p[slots] for p in inp.proj], inp.dones[slots],
                        [s[slots] for s in inp.state], inp.tick[slots], inp.grad_out[slots],
                        torch.arange(min(n, session.plan.ref_rows), device=device))  # fmt: skip
-    ref = cases.step_reference(sub)
+    ref = cases.reference(sub, grad=False)
     got = dict(zip(("out", *cases.STATE_NAMES), (out, *(s[slots] for s in state))))
     passed, detail = cases.compare(got, ref, sub.rows, inp.dtype)
     untouched = torch.ones(inp.batch, dtype=torch.bool, device=device)
@@ -157,12 +157,6 @@ def _models(session: Session, seed: int = 5) -> tuple[AGaLiTe, AGaLiTe]:
     return ker, ref
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    denominator = float(b.norm())
-    return float((a - b).norm()) / (denominator if denominator > 0 else 1.0)
-
-
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double().flatten(), b.detach().double().flatten()
     denominator = float(a.norm() * b.norm())
@@ -186,9 +180,9 @@ def _model_training(session: Session, batch: int, seq_len: int, dtype: str) -> d
         (y.float() * weight).sum().backward()
         results[name] = (y.detach().float(), final, {n: p.grad for n, p in model.named_parameters()})
     (y_ref, s_ref, g_ref), (y, s, g) = results["ref"], results["ker"]
-    errors = dict(out=_rel(y, y_ref), **{f"state.{n}": _rel(a, b) for n, a, b in
+    errors = dict(out=cases.rel_error(y, y_ref), **{f"state.{n}": cases.rel_error(a, b) for n, a, b in
                                          zip(("tilde_k", "tilde_v", "s"), s.memories(), s_ref.memories())})  # fmt: skip
-    grad_rel = {n: _rel(g[n], g_ref[n]) for n in g_ref if g_ref[n] is not None}
+    grad_rel = {n: cases.rel_error(g[n], g_ref[n]) for n in g_ref if g_ref[n] is not None}
     grad_cos = {n: _cosine(g[n], g_ref[n]) for n in g_ref if g_ref[n] is not None}
     finite = bool(torch.isfinite(y).all()) and all(bool(torch.isfinite(t).all()) for t in g.values() if t is not None)
     if dtype == "float32":
@@ -234,7 +228,8 @@ def _graph_step(session: Session) -> dict[str, Any]:
             else:
                 y = body()
             y_ref, ref_state = ref(xs[t], ref_state, dones[t])
-            errors.append(max(_rel(y, y_ref), *(_rel(a, b) for a, b in zip(state.memories(), ref_state.memories()))))
+            pairs = [(y, y_ref), *zip(state.memories(), ref_state.memories())]
+            errors.append(max(cases.rel_error(a, b) for a, b in pairs))
             ticks_equal = ticks_equal and torch.equal(state.tick, ref_state.tick)
     passed = max(errors) <= 1e-5 and ticks_equal
     result = dict(errors=errors, max_error=max(errors), ticks_equal=ticks_equal, batch=batch, replays=replays)

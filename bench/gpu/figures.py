@@ -25,8 +25,6 @@ from typing import Any
 
 import torch
 
-from agalite_triton import agalite_recurrence
-
 from ..systems import build
 from ..workloads import inference_step, training_step
 from . import cases
@@ -58,25 +56,6 @@ def _table(table: dict | None):
 
     with config.use_table(config.table_from_json(table)):
         yield
-
-
-def _recurrence_fn(inp: cases.Inputs, backend: str, backward: bool) -> Callable[[], None]:
-    if not backward:
-
-        def forward() -> None:
-            with torch.no_grad():
-                agalite_recurrence(*inp.proj, inp.dones, *inp.state, inp.tick, backend=backend)
-
-        return forward
-    leaves = [p.detach().requires_grad_(True) for p in inp.proj]
-
-    def forward_backward() -> None:
-        for p in leaves:
-            p.grad = None
-        out, _ = agalite_recurrence(*leaves, inp.dones, *inp.state, inp.tick, backend=backend)
-        out.backward(inp.grad_out)
-
-    return forward_backward
 
 
 def _timed(session: Session, fn: Callable[[], None], work: int, rep_s: float) -> dict[str, Any]:
@@ -128,7 +107,7 @@ def _recurrence_group(session: Session, stage: Stage, shape: Shape, dtype: str) 
                         extra["check_max_error"] = detail["max_error"]
                         if not passed:
                             return dict(status="fail", detail=f"disagrees: {detail['failed']}", check=detail)
-                    result = _timed(session, _recurrence_fn(inp, backend, backward), B * T, plan.figure_rep_s)
+                    result = _timed(session, cases.recurrence_fn(inp, backend, backward), B * T, plan.figure_rep_s)
                     extra["config"] = launch_config(shape.pads)
                 floor = recurrence_bytes(shape, B, T, dtype, backward)
                 achieved = floor / result["median_s"]
@@ -148,8 +127,7 @@ def _module(session: Session, system: System, mode: str | None = None) -> torch.
 
 
 def _model_label(system: System, mode: str | None, variant: str) -> str:
-    tag = mode or system.spec.backend
-    base = f"{system.spec.name} [{tag}]" if tag else system.spec.name
+    base = (system.spec if mode is None else replace(system.spec, mode=mode)).label
     return base if variant in ("eager", "") else f"{base} ({variant})"
 
 

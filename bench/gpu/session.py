@@ -57,17 +57,6 @@ def _context(device: torch.device, dry: bool) -> dict[str, Any]:
                                                        triton=triton_version, cuda=torch.version.cuda))  # fmt: skip
 
 
-def _ceilings_from(path: Path) -> dict[str, float]:
-    out = {}
-    for r in read_records(path):
-        if r.get("stage") == "environment" and r.get("status") == "ok":
-            if r["case"].endswith("copy_bandwidth"):
-                out["copy_bytes_per_s"] = r["bytes_per_s"]
-            elif "/matmul_" in r["case"]:
-                out[f"matmul_{r['dtype']}_flops_per_s"] = r["flops_per_s"]
-    return out
-
-
 def _tuned_from(path: Path) -> dict[str, Any] | None:
     for r in reversed(read_records(path)):
         if r.get("case") == "sweep/tuned_table" and r.get("status") == "ok":
@@ -89,7 +78,10 @@ def run(args: Any, started: float) -> int:
     budget = Budget(args.budget_s, started)
     session = Session(device, plan, recorder, budget, out_dir, dry, started)
     if args.append:
-        session.ceilings.update(_ceilings_from(recorder.path))
+        from .summary import ceilings
+
+        measured = ceilings(read_records(recorder.path))
+        session.ceilings.update({k: v for k, v in measured.items() if v is not None})
         session.tuned_table = _tuned_from(recorder.path)
 
     table_ctx, base_table = None, None
@@ -190,17 +182,7 @@ def run(args: Any, started: float) -> int:
     heartbeat.beat("session/done", 600)
     if args.no_summary:
         return 0
-    from . import plots, summary
+    from . import summary
 
-    records = read_records(recorder.path)
-    written = []
-    try:
-        written = plots.plot_all(records, out_dir)
-    except Exception as exc:  # the numbers matter more than the pictures
-        recorder.failure("session", "session/plots", exc)
-    doc = summary.write_summary(out_dir, dict(elapsed_s=round(time.monotonic() - started, 1), plots=written,
-                                              budget_s=args.budget_s))  # fmt: skip
-    summary.print_summary(doc)
-    print(f"bench.gpu: wrote {recorder.path} ({doc['records']} records), summary.json, {written} "
-          f"in {time.monotonic() - started:.0f} s", flush=True)
+    summary.finish(out_dir, started, args.budget_s, lambda exc: recorder.failure("session", "session/plots", exc))
     return 0

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .records import STATUSES, read_records
 
-__all__ = ["build_summary", "main", "print_summary", "targets", "write_summary"]
+__all__ = ["build_summary", "ceilings", "finish", "main", "print_summary", "targets", "write_summary"]
 
 
 def _ok(records: list[dict], **match: Any) -> list[dict]:
@@ -100,19 +102,24 @@ def targets(records: list[dict]) -> list[dict[str, Any]]:
     return out
 
 
+def ceilings(records: list[dict]) -> dict[str, float | None]:
+    """The environment stage's measured ceilings (None where not measured)."""
+    env = {r["case"].split("/", 1)[1]: r for r in records if r.get("stage") == "environment" and r["status"] == "ok"}
+    return dict(
+        copy_bytes_per_s=env.get("copy_bandwidth", {}).get("bytes_per_s"),
+        matmul_bfloat16_flops_per_s=env.get("matmul_bfloat16", {}).get("flops_per_s"),
+        matmul_float32_flops_per_s=env.get("matmul_float32", {}).get("flops_per_s"),
+        launch_overhead_s=env.get("launch_overhead", {}).get("per_launch_s"),
+    )  # fmt: skip
+
+
 def build_summary(records: list[dict], extra: dict[str, Any] | None = None) -> dict[str, Any]:
     stages: dict[str, Counter] = defaultdict(Counter)
     for r in records:
         stages[r.get("stage", "?")][r.get("status", "?")] += 1
     problems = [dict(case=r["case"], status=r["status"], error=r.get("error") or r.get("detail"))
                 for r in records if r.get("status") in ("fail", "error", "oom", "timeout")]  # fmt: skip
-    env = {r["case"].split("/", 1)[1]: r for r in records if r.get("stage") == "environment" and r["status"] == "ok"}
-    ceilings = dict(
-        copy_bytes_per_s=env.get("copy_bandwidth", {}).get("bytes_per_s"),
-        matmul_bfloat16_flops_per_s=env.get("matmul_bfloat16", {}).get("flops_per_s"),
-        matmul_float32_flops_per_s=env.get("matmul_float32", {}).get("flops_per_s"),
-        launch_overhead_s=env.get("launch_overhead", {}).get("per_launch_s"),
-    )  # fmt: skip
+    measured = ceilings(records)
     tuned = [r for r in records if r.get("case") == "sweep/tuned_table" and r["status"] == "ok"]
     stage_walls: dict[str, float] = defaultdict(float)
     for r in records:
@@ -125,7 +132,7 @@ def build_summary(records: list[dict], extra: dict[str, Any] | None = None) -> d
     return dict(
         schema="agalite-bench-gpu-summary/1", dry_run=first.get("dry_run"), device=first.get("device"),
         versions=first.get("versions"), records=len(records),
-        stages={s: dict(c) for s, c in stages.items()}, stage_wall_s=dict(stage_walls), ceilings=ceilings,
+        stages={s: dict(c) for s, c in stages.items()}, stage_wall_s=dict(stage_walls), ceilings=measured,
         targets=targets(records), problems=problems[:80], problem_count=len(problems),
         tuned_table=tuned[-1].get("table") if tuned else None,
         tuned_choices=tuned[-1].get("choices") if tuned else None,
@@ -137,6 +144,23 @@ def write_summary(out_dir: Path, extra: dict[str, Any] | None = None) -> dict[st
     summary = build_summary(read_records(out_dir / "gpu.jsonl"), extra)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def finish(out_dir: Path, started: float, budget_s: float, on_plot_error: Callable[[Exception], None]) -> None:
+    """The end of a session: the plots, summary.json and the printed summary (``started``: monotonic)."""
+    from . import plots
+
+    path = out_dir / "gpu.jsonl"
+    written: list[str] = []
+    try:
+        written = plots.plot_all(read_records(path), out_dir)
+    except Exception as exc:  # the numbers matter more than the pictures
+        on_plot_error(exc)
+    doc = write_summary(out_dir, dict(elapsed_s=round(time.monotonic() - started, 1), plots=written,
+                                      budget_s=budget_s))  # fmt: skip
+    print_summary(doc)
+    print(f"bench.gpu: wrote {path} ({doc['records']} records), summary.json, {written} "
+          f"in {time.monotonic() - started:.0f} s", flush=True)
 
 
 def _fmt(v: Any) -> str:

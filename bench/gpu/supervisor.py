@@ -106,7 +106,7 @@ def run(args: Any, started: float) -> int:
         path.unlink()
     tmp = Path(tempfile.mkdtemp(prefix="agalite-gpu-"))
     hb = tmp / "heartbeat.json"
-    from .session import selected_stages  # no torch: the list and its filtering only
+    from .stage_list import selected_stages  # no torch: the list and its filtering only
 
     selected = selected_stages(args)
     deadline = started + args.budget_s
@@ -156,17 +156,10 @@ def run(args: Any, started: float) -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     if args.no_summary:
         return 0 if code in (0, None, CONTEXT_LOST) else code
-    from . import plots, summary
+    from . import summary
 
-    records = read_records(path)
-    written: list[str] = []
-    try:
-        written = plots.plot_all(records, out)
-    except Exception as exc:  # the numbers matter more than the pictures
+    def plot_failed(exc: Exception) -> None:
         _recorder(path, started).failure("session", "session/plots", exc)
-    doc = summary.write_summary(out, dict(elapsed_s=round(time.monotonic() - started, 1), plots=written,
-                                          budget_s=args.budget_s))  # fmt: skip
-    summary.print_summary(doc)
-    print(f"bench.gpu: wrote {path} ({doc['records']} records), summary.json, {written} "
-          f"in {time.monotonic() - started:.0f} s", flush=True)
+
+    summary.finish(out, started, args.budget_s, plot_failed)
     return 0 if code in (0, None, CONTEXT_LOST) else code

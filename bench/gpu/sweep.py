@@ -13,12 +13,11 @@ paper size at B = 256 (T = 128, float32); the step kernel also at B = 4096. The 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
 import torch
-
-from agalite_triton import agalite_recurrence
 
 from . import cases, compiled, heartbeat, tune
 from .precompile import Task
@@ -78,33 +77,16 @@ class _Inputs:
             steps = 1 if mode == "step" else plan.sweep_seq
             inp = cases.make_inputs(shape, batch, steps, "float32", device, seed=21, ref_rows=plan.ref_rows)
             if mode == "step":
-                ref = cases.step_reference(inp)
+                ref = cases.reference(inp, grad=False)
             else:
                 ref = cases.reference(inp, grad=mode == "backward")
-                if mode == "forward":
-                    ref = {k: ref[k] for k in ("out", *cases.STATE_NAMES)}
             self.cache[key] = (inp, ref)
         return self.cache[key]
 
 
-def _timed_fn(inp: cases.Inputs, mode: str):
-    if mode == "forward":
-
-        def forward() -> None:
-            with torch.no_grad():
-                agalite_recurrence(*inp.proj, inp.dones, *inp.state, inp.tick, backend="triton")
-
-        return forward
-    if mode == "backward":
-        leaves = [p.detach().requires_grad_(True) for p in inp.proj]
-
-        def forward_backward() -> None:
-            for p in leaves:
-                p.grad = None
-            out, _ = agalite_recurrence(*leaves, inp.dones, *inp.state, inp.tick, backend="triton")
-            out.backward(inp.grad_out)
-
-        return forward_backward
+def _timed_fn(inp: cases.Inputs, mode: str) -> Callable[[], Any]:
+    if mode in ("forward", "backward"):
+        return cases.recurrence_fn(inp, "triton", backward=mode == "backward")
     from agalite_triton.kernels import agalite_step_
 
     state = [s.clone() for s in inp.state]
