@@ -42,3 +42,22 @@ def pytest_runtest_makereport(item, call):
         report.outcome = "skipped"
         reason = "Triton kernels on CPU tensors need the interpreter, which is off on a CUDA machine"
         report.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: {reason}")
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread inside the test, restored after: the RL tests compare replays with the rollouts
+    they replay, to within float32 rounding or bitwise, and the thread count can change the rounding."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def poison_outputs(monkeypatch):
+    """Kernel outputs allocated NaN-filled, so an element a kernel forgets to write fails the comparison.
+    Kernel test modules opt in with ``pytest.mark.usefixtures("poison_outputs")``."""
+    from agalite_triton.kernels import launch  # here: conftest itself imports no kernel module
+
+    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)

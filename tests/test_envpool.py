@@ -11,10 +11,8 @@ MiniGrid memory task end to end checks the script itself.
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,19 +21,13 @@ pytest.importorskip("envpool", reason="needs the [envpool] extra (envpool 1.2.5)
 
 from agalite_triton import AGaLiTe, AGaLiTeState  # noqa: E402
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "envpool_async.py"
+from .examples import EXAMPLES, load_example  # noqa: E402
 
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("envpool_async_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+EXAMPLE = EXAMPLES / "envpool_async.py"
 
 
 def test_async_env_ids_equal_stepping_every_env_alone():
-    example = load_example()
+    example = load_example("envpool_async.py")
     num_envs = 6
     env = example.make("CartPole-v1", num_envs=num_envs, batch_size=4, seed=0)
     torch.manual_seed(0)

@@ -8,24 +8,21 @@ rows across programs only reorders sums over eta, and the pipelining stages chan
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
 import torch
 
 from agalite_triton import agalite_recurrence, kernels
-from agalite_triton.kernels import config, launch
+from agalite_triton.kernels import config
 from agalite_triton.kernels.config import DEFAULT_TABLE, KERNELS, SIZE_CLASSES, LaunchConfig
 from agalite_triton.presets import PRESETS
 
 from .test_kernels import make_case, rel_err
 
+pytestmark = pytest.mark.usefixtures("poison_outputs")
 needs_kernels = pytest.mark.skipif(not kernels.AVAILABLE, reason=f"Triton kernels unavailable: {kernels.WHY}")
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
 
 
 def uniform(**fields) -> dict:
@@ -74,13 +71,22 @@ def test_bad_configuration_is_a_clear_error(make, match):
         make()
 
 
-def grads_of(case, dtype=torch.float32):
+def _table(table: config.Table | None) -> contextlib.AbstractContextManager:
+    # None keeps whatever table is active (a caller's use_table); use_table({}) would reset it to the defaults.
+    return contextlib.nullcontext() if table is None else config.use_table(table)
+
+
+def grads_of(case, fwd_table: config.Table | None = None, bwd_table: config.Table | None = None) -> list[torch.Tensor]:
+    """Outputs, final state and every gradient, the forward launched under ``fwd_table``, the backward under
+    ``bwd_table``."""
     proj, dones, state, tick = case
-    leaves = [x.detach().to(dtype).requires_grad_() for x in proj] + [x.detach().requires_grad_() for x in state]
-    out, final = agalite_recurrence(*leaves[:8], dones, *leaves[8:], tick, backend="triton")
+    leaves = [x.detach().requires_grad_() for x in proj + state]
+    with _table(fwd_table):
+        out, final = agalite_recurrence(*leaves[:8], dones, *leaves[8:], tick, backend="triton")
     loss = (out.double() * torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)).sum()
     loss = loss + sum((f.double() * (i + 1)).sum() for i, f in enumerate(final))
-    return [out.detach(), *(f.detach() for f in final), *torch.autograd.grad(loss, leaves)]
+    with _table(bwd_table):
+        return [out.detach(), *(f.detach() for f in final), *torch.autograd.grad(loss, leaves)]
 
 
 @needs_kernels
@@ -89,14 +95,7 @@ def test_chunk_changed_between_forward_and_backward_gives_identical_results():
     """Forward checkpoints every 3 steps; the table then says 32 (and other warps) for the backward."""
     case = make_case(2, 11, 2, 5, 3, 2, dones="mixed", seed=7)
     want = grads_of(case)
-    proj, dones, state, tick = case
-    leaves = [x.detach().clone().requires_grad_() for x in proj + state]
-    with config.use_table(uniform(chunk=3)):
-        out, final = agalite_recurrence(*leaves[:8], dones, *leaves[8:], tick, backend="triton")
-    loss = (out.double() * torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)).sum()
-    loss = loss + sum((f.double() * (i + 1)).sum() for i, f in enumerate(final))
-    with config.use_table(uniform(chunk=32, num_warps=8)):
-        got = [out.detach(), *(f.detach() for f in final), *torch.autograd.grad(loss, leaves)]
+    got = grads_of(case, fwd_table=uniform(chunk=3), bwd_table=uniform(chunk=32, num_warps=8))
     for i, (a, b) in enumerate(zip(got, want)):
         assert torch.equal(a, b), f"tensor {i} differs when the chunk changes between forward and backward"
 

@@ -12,21 +12,18 @@ import pytest
 import torch
 
 from agalite_triton import agalite_recurrence, kernels
-from agalite_triton.kernels import config, launch
+from agalite_triton.kernels import config
 from agalite_triton.kernels.config import SIZE_CLASSES, LaunchConfig
 
 from .test_kernels import KERNEL_DEVICE, make_case, rel_err
+from .test_restart_slots import split_oracle
 
 pytestmark = [
     pytest.mark.interpret,
+    pytest.mark.usefixtures("poison_outputs"),
     pytest.mark.skipif(not kernels.AVAILABLE, reason=f"Triton kernels unavailable: {kernels.WHY}"),
 ]
 DEV = KERNEL_DEVICE
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
 
 
 # ---------------------------------------------------------------------------------------------- slots
@@ -77,26 +74,6 @@ def test_slots_into_other_buffers_leave_their_other_rows():
 
 
 # -------------------------------------------------------------------------------------------- restart
-def split_oracle(proj, dones, state, tick, index, rmem, rtick):
-    """Row by row, in pieces cut at its restart points; each piece starts from its memory and tick."""
-    outs, finals = [], []
-    for b in range(index.shape[0]):
-        cuts = [0] + [t for t in range(1, index.shape[1]) if index[b, t] >= 0] + [index.shape[1]]
-        mem, tk = [m[b : b + 1] for m in state], tick[b : b + 1]
-        pieces = []
-        for t0, t1 in zip(cuts[:-1], cuts[1:]):
-            n = int(index[b, t0])
-            if n >= 0:
-                mem, tk = [m[n : n + 1] for m in rmem], rtick[n : n + 1]
-            dn = None if dones is None else dones[b : b + 1, t0:t1]
-            out, mem = agalite_recurrence(*(p[b : b + 1, t0:t1] for p in proj), dn, *mem, tk, backend="reference")
-            tk = tk + (t1 - t0)
-            pieces.append(out)
-        outs.append(torch.cat(pieces, 1))
-        finals.append(mem)
-    return torch.cat(outs), [torch.cat(parts) for parts in zip(*finals)]
-
-
 def restart_case(steps: int = 8):
     proj, dones, state, tick = make_case(3, steps, 2, 5, 3, 3, dones="none", seed=21, tick=[5, 2**62 + 1, -9])
     _, _, rmem, _ = make_case(4, 1, 2, 5, 3, 3, seed=22)

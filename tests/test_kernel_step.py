@@ -15,16 +15,12 @@ from .test_kernels import KERNEL_DEVICE, make_case, rel_err
 
 pytestmark = [
     pytest.mark.interpret,
+    pytest.mark.usefixtures("poison_outputs"),
     pytest.mark.skipif(not kernels.AVAILABLE, reason=f"Triton kernels unavailable: {kernels.WHY}"),
 ]
 CUDA = torch.cuda.is_available()
 # The kernel device: CUDA where there is a GPU (natively compiled kernels), else CPU (the interpreter).
 DEVICES = [pytest.param("cuda", marks=pytest.mark.gpu) if CUDA else "cpu"]
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
 
 
 def sequence_reference(proj, dones, state, tick):

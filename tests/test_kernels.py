@@ -8,16 +8,16 @@ allocated NaN-filled (``launch.POISON_OUTPUTS``), so an element a kernel forgets
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from agalite_triton import agalite_recurrence, kernels
 from agalite_triton.kernels import config, launch
+from agalite_triton.reference import cpu_fused
 
 pytestmark = [
     pytest.mark.interpret,
+    pytest.mark.usefixtures("poison_outputs"),
     pytest.mark.skipif(not kernels.AVAILABLE, reason=f"Triton kernels unavailable: {kernels.WHY}"),
 ]
 
@@ -36,11 +36,6 @@ TOL = {
 }  # (outputs and state, gradients)
 
 GATE_LOGITS = {"normal": None, "near0": -9.0, "near1": 9.0, "saturated0": -40.0, "saturated1": 40.0}
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
 
 
 def make_dones(pattern: str, batch: int, steps: int, device) -> torch.Tensor | None:
@@ -149,15 +144,8 @@ def check_against_reference(case, dtype, *, use_out: bool = True, use_state: boo
     ref = run_backend(case, "reference", dtype, use_out, use_state, seed)
     refs = [ref]
     if case[0][0].device.type == "cpu":
-        saved = os.environ.get("AGALITE_CPU_FUSED")
-        os.environ["AGALITE_CPU_FUSED"] = "0"
-        try:
+        with cpu_fused.forced(False):
             refs.append(run_backend(case, "reference", dtype, use_out, use_state, seed))
-        finally:
-            if saved is None:
-                del os.environ["AGALITE_CPU_FUSED"]
-            else:
-                os.environ["AGALITE_CPU_FUSED"] = saved
     oracle = run_backend(case, "reference", torch.float64, use_out, use_state, seed)
     names = ["out", "final tilde_k", "final tilde_v", "final s"] + [f"d{n}" for n in NAMES]
     tol_val, tol_grad = TOL[dtype]

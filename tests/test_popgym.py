@@ -6,10 +6,7 @@ PPO run with the replay check inside every update holding, and that this check d
 replay starts from the wrong states.
 """
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,16 +15,12 @@ import torch
 pytest.importorskip("gymnasium", reason="gymnasium is not installed (pip install -e '.[rl]')")
 pytest.importorskip("popgym", reason="popgym is not installed (pip install -e '.[rl]', which pins popgym==1.0.7)")
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ppo_memory.py"
+from .examples import load_example  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def ppo():
-    spec = importlib.util.spec_from_file_location("ppo_memory_popgym", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_example("ppo_memory.py")
 
 
 def _config(ppo, env: str, core: str = "agalite", iterations: int = 3, **kw):
@@ -72,15 +65,22 @@ def test_unknown_or_continuous_env_is_rejected(ppo):
         ppo.train(ppo.PPOConfig(env="gym:CartPole-v1"), progress=False)
 
 
+# Tighter than train()'s default 1e-4, which train() itself enforces. Measured on CPU: AGaLiTe's replay is exact
+# (0.0); the LSTM's is within 2.4e-7 (float32 rounding: the replay's matmuls run over other row counts than the
+# rollout's), so its bound leaves a 40x margin.
+REPLAY_TOLERANCE = {"agalite": 1e-6, "lstm": 1e-5}
+
+
 @pytest.mark.parametrize("env, core", [("RepeatPreviousEasy", "agalite"), ("MineSweeperEasy", "lstm")])
 def test_ppo_runs_and_replay_holds(ppo, env, core):
-    result = ppo.train(_config(ppo, env, core), progress=False)
+    tolerance = REPLAY_TOLERANCE[core]
+    result = ppo.train(_config(ppo, env, core, replay_tolerance=tolerance), progress=False)
     curve = result["curve"]
     assert [p["global_step"] for p in curve] == [1024, 2048, 3072]
     for point in curve:
         assert point["episodes"] > 0 and math.isfinite(point["mean_return"])
         # train() raises when the replay is off; here it is float32 rounding at most.
-        assert 0.0 <= point["replay_err"] <= 1e-4
+        assert 0.0 <= point["replay_err"] <= tolerance
     assert all(math.isfinite(point[k]) for point in curve for k in ("pg_loss", "v_loss", "entropy"))
 
 

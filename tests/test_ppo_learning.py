@@ -4,29 +4,18 @@ Runs examples/ppo_memory.py's ``train`` on corridor 10; an AGaLiTe run stops onc
 average >= 0.9 (about 6 s per seed on one idle thread), the control runs the full budget.
 """
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 # The example trains on the gymnasium T-maze: without gymnasium (e.g. on the GPU machine) these tests skip.
 pytest.importorskip("gymnasium", reason="needs gymnasium (examples/ppo_memory.py trains on the gymnasium T-maze)")
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ppo_memory.py"
+from .examples import load_example  # noqa: E402
+
 TIMESTEPS = 98_304  # 24 iterations of 32 envs x 128 steps: "within 100k environment steps"
 
 
-def _example():
-    spec = importlib.util.spec_from_file_location("ppo_memory_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def _run(core: str, seed: int, stop_after_target: int = 0) -> dict:
-    ppo = _example()
+    ppo = load_example("ppo_memory.py")
     cfg = ppo.PPOConfig(
         core=core, corridor=10, seed=seed, total_timesteps=TIMESTEPS, hidden=64, n_layers=1, n_heads=4,
         d_head=16, d_ffc=64, eta=4, r=2, backend="reference", threads=1, stop_after_target=stop_after_target,

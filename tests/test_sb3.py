@@ -15,7 +15,7 @@ import pytest
 import torch
 
 pytest.importorskip("sb3_contrib", reason="needs the [sb3] extra (sb3-contrib 2.9.2)")
-gym = pytest.importorskip("gymnasium", reason="needs gymnasium for the real environment")
+pytest.importorskip("gymnasium", reason="needs gymnasium for the real environment")
 
 from sb3_contrib import RecurrentPPO  # noqa: E402
 from stable_baselines3.common.callbacks import BaseCallback  # noqa: E402
@@ -23,16 +23,9 @@ from stable_baselines3.common.env_util import make_vec_env  # noqa: E402
 
 from agalite_triton.sb3 import AGaLiTePolicy, PackedCore  # noqa: E402
 
+from .rl_envs import MaskedCartPole  # noqa: E402
+
 SIZES = dict(d_model=16, n_layers=2, n_heads=2, d_head=4, d_ffc=16, eta=2, r=4)
-
-
-class MaskedCartPole(gym.ObservationWrapper):
-    def __init__(self, env):
-        super().__init__(env)
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
-
-    def observation(self, obs):
-        return obs[[0, 2]].astype(np.float32)
 
 
 class _Continue(BaseCallback):
@@ -44,14 +37,6 @@ def make_algo(**policy_kwargs) -> RecurrentPPO:
     env = make_vec_env("CartPole-v1", n_envs=16, seed=0, wrapper_class=MaskedCartPole)
     return RecurrentPPO(AGaLiTePolicy, env, n_steps=24, batch_size=96, n_epochs=2, seed=0,
                         policy_kwargs=dict(agalite_kwargs=SIZES, **policy_kwargs))  # fmt: skip
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_learn_trains_the_cores_and_the_replay_matches_the_rollout(one_thread):

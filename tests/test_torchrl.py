@@ -11,7 +11,6 @@ What the replays must reproduce, bit for bit (one torch thread):
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -31,33 +30,16 @@ from torchrl.objectives.value import GAE  # noqa: E402
 from agalite_triton import AGaLiTe, AGaLiTeState  # noqa: E402
 from agalite_triton.torchrl import AGaLiTeModule  # noqa: E402
 
+from .rl_envs import MaskedCartPole  # noqa: E402
+
 NUM_ENVS, STEPS = 16, 16  # 16 rows keep every matmul on MKL's full-width path (see the README's RL section)
 # Exact: the collector's one-step calls and the replays (restarts, with and without gradients) run the same
 # recurrence code on CPU (fused, or eager with AGALITE_CPU_FUSED=0), so the replay reproduces every bit.
 TOL = 0.0
 
 
-class MaskedCartPole(gym.ObservationWrapper):
-    """CartPole with the velocities removed: position and angle only, so the policy needs memory."""
-
-    def __init__(self, env):
-        super().__init__(env)
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
-
-    def observation(self, obs):
-        return obs[[0, 2]].astype(np.float32)
-
-
 def make_env():
     return GymWrapper(MaskedCartPole(gym.make("CartPole-v1")))
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def build(core: AGaLiTe):
