@@ -58,6 +58,41 @@ def same_device(value: torch.Tensor | None, device: torch.device) -> bool:
     return value is None or value.device == device
 
 
+def check_projections(
+    keys: torch.Tensor,
+    queries: torch.Tensor,
+    values: torch.Tensor,
+    beta: torch.Tensor,
+    gamma: torch.Tensor,
+    p1: torch.Tensor,
+    p2: torch.Tensor,
+    p3: torch.Tensor,
+    dones: torch.Tensor | None,
+    has_time: bool,
+    factor: str = "eta",
+) -> tuple[list[int], int, int, int]:
+    """The five (*lead, H, D) and three (*lead, H, ``factor``) raw projections, with a time axis
+    (B, T, ...) or for one step (B, ...), and the dones. Returns (lead sizes, H, D, the factor's size)."""
+    lead: tuple[str, ...] = ("B", "T") if has_time else ("B",)
+    check_tensor("keys", keys, shape=(*lead, "H", "D"), dtype=FLOAT_DTYPES)
+    *lead_sizes, heads, dim = keys.shape
+    device, dtype = keys.device, keys.dtype
+    for name, t in (("queries", queries), ("values", values), ("beta", beta), ("gamma", gamma)):
+        check_tensor(name, t, shape=(*lead_sizes, heads, dim), dtype=dtype, device=device)
+    check_tensor("p1", p1, shape=(*lead_sizes, heads, factor), dtype=dtype, device=device)
+    width = p1.shape[-1]
+    for name, t in (("p2", p2), ("p3", p3)):
+        check_tensor(name, t, shape=(*lead_sizes, heads, width), dtype=dtype, device=device)
+    if dones is not None:
+        check_dones("dones", dones, tuple(lead_sizes), device)
+    return lead_sizes, heads, dim, width
+
+
+def state_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """The state is float32 whatever the input dtype; float64 inputs keep a float64 state (an oracle)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def check_recurrence_args(
     keys: torch.Tensor,
     queries: torch.Tensor,
@@ -75,23 +110,13 @@ def check_recurrence_args(
     has_time: bool,
     state_batch: int | None = None,
 ) -> None:
-    """The recurrence's arguments, with a time axis (B, T, ...) or for one step (B, ...).
+    """AGaLiTe's recurrence arguments, with a time axis (B, T, ...) or for one step (B, ...).
 
     ``state_batch``: the state's batch when it differs from the projections' (slots); default B."""
-    lead: tuple[str, ...] = ("B", "T") if has_time else ("B",)
-    check_tensor("keys", keys, shape=(*lead, "H", "D"), dtype=FLOAT_DTYPES)
-    *lead_sizes, heads, dim = keys.shape
-    device, dtype = keys.device, keys.dtype
-    for name, t in (("queries", queries), ("values", values), ("beta", beta), ("gamma", gamma)):
-        check_tensor(name, t, shape=(*lead_sizes, heads, dim), dtype=dtype, device=device)
-    check_tensor("p1", p1, shape=(*lead_sizes, heads, "eta"), dtype=dtype, device=device)
-    eta = p1.shape[-1]
-    for name, t in (("p2", p2), ("p3", p3)):
-        check_tensor(name, t, shape=(*lead_sizes, heads, eta), dtype=dtype, device=device)
-    if dones is not None:
-        check_dones("dones", dones, tuple(lead_sizes), device)
-    # The state is float32 whatever the input dtype; float64 inputs keep a float64 state (an oracle).
-    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    lead_sizes, heads, dim, eta = check_projections(
+        keys, queries, values, beta, gamma, p1, p2, p3, dones, has_time
+    )
+    device, sdt = keys.device, state_dtype_for(keys.dtype)
     batch = lead_sizes[0] if state_batch is None else state_batch
     check_tensor("tilde_k", tilde_k, shape=(batch, "R", heads, eta * dim), dtype=sdt, device=device)
     r = tilde_k.shape[1]
@@ -100,6 +125,32 @@ def check_recurrence_args(
     check_tensor("tilde_v", tilde_v, shape=(batch, r, heads, dim), dtype=sdt, device=device)
     check_tensor("s", s, shape=(batch, heads, eta * dim), dtype=sdt, device=device)
     check_tensor("tick", tick, shape=(batch,), dtype=torch.int64, device=device)
+
+
+def check_galite_args(
+    keys: torch.Tensor,
+    queries: torch.Tensor,
+    values: torch.Tensor,
+    beta: torch.Tensor,
+    gamma: torch.Tensor,
+    p1: torch.Tensor,
+    p2: torch.Tensor,
+    p3: torch.Tensor,
+    dones: torch.Tensor | None,
+    c: torch.Tensor,
+    s: torch.Tensor,
+    has_time: bool,
+    state_batch: int | None = None,
+) -> None:
+    """GaLiTe's recurrence arguments: projections as AGaLiTe's (``nu`` in place of eta), memory
+    c (B, H, D, K) and s (B, H, K) with K = nu * D."""
+    lead_sizes, heads, dim, nu = check_projections(
+        keys, queries, values, beta, gamma, p1, p2, p3, dones, has_time, factor="nu"
+    )
+    device, sdt = keys.device, state_dtype_for(keys.dtype)
+    batch = lead_sizes[0] if state_batch is None else state_batch
+    check_tensor("c", c, shape=(batch, heads, dim, nu * dim), dtype=sdt, device=device)
+    check_tensor("s", s, shape=(batch, heads, nu * dim), dtype=sdt, device=device)
 
 
 def check_slot_rows(
@@ -124,26 +175,30 @@ def check_restart_args(
     restart: object,
     batch: int,
     steps: int,
-    like: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    like: tuple[torch.Tensor, ...],
+    names: tuple[str, ...],
     device: torch.device,
     check_values: bool,
+    with_tick: bool = True,
 ) -> None:
-    """``restart = (index (B, T) int64, tilde_k_r (N, R, H, E), tilde_v_r (N, R, H, D), s_r (N, H, E),
-    tick_r (N,) int64)``, memories in the state dtype of ``like`` = the (tilde_k, tilde_v, s) state.
+    """``restart = (index (B, T) int64, *memories (N, ...), [tick (N,) int64])``: one restart row per
+    memory of ``like`` (the state, named ``names``) in its dtype and per-row shape, and a tick where the
+    model has one (AGaLiTe: ``(index, tilde_k, tilde_v, s, tick)``; GaLiTe: ``(index, c, s)``).
 
     ``index`` values in [-1, N) are checked when ``check_values`` (a host sync, skipped on CUDA)."""
-    if not isinstance(restart, tuple) or len(restart) != 5:
+    fields = ("index", *names, *(("tick",) if with_tick else ()))
+    if not isinstance(restart, tuple) or len(restart) != len(fields):
         got = f"a tuple of {len(restart)}" if isinstance(restart, tuple) else type(restart).__name__
-        raise TypeError(f"restart: expected a tuple (index, tilde_k, tilde_v, s, tick), got {got}")
-    index, tk_r, tv_r, s_r, tick_r = restart
+        raise TypeError(f"restart: expected a tuple ({', '.join(fields)}), got {got}")
+    index, *memories = restart
     check_tensor("restart.index", index, shape=(batch, steps), dtype=torch.int64, device=device)
-    tk, tv, s = like
-    r, heads, feat, dim = tk.shape[1], tk.shape[2], tk.shape[3], tv.shape[3]
-    check_tensor("restart.tilde_k", tk_r, shape=("N", r, heads, feat), dtype=tk.dtype, device=device)
-    n = tk_r.shape[0]
-    check_tensor("restart.tilde_v", tv_r, shape=(n, r, heads, dim), dtype=tv.dtype, device=device)
-    check_tensor("restart.s", s_r, shape=(n, heads, feat), dtype=s.dtype, device=device)
-    check_tensor("restart.tick", tick_r, shape=(n,), dtype=torch.int64, device=device)
+    n: int | str = "N"
+    for name, given, state in zip(names, memories, like):
+        check_tensor(f"restart.{name}", given, shape=(n, *state.shape[1:]), dtype=state.dtype, device=device)
+        n = given.shape[0]
+    if with_tick:
+        check_tensor("restart.tick", memories[-1], shape=(n,), dtype=torch.int64, device=device)
+    assert isinstance(n, int)
     if check_values and index.numel():
         lo, hi = int(index.min()), int(index.max())
         if lo < -1 or hi >= n:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["PRESETS"]
+__all__ = ["GALITE_PRESETS", "PRESETS"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's T-Maze / POPGym configuration.
@@ -15,4 +15,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "standard": dict(d_model=256, n_layers=2, n_heads=4, d_head=64, d_ffc=256, eta=4, r=8),
     "fast": dict(d_model=256, n_layers=2, n_heads=4, d_head=64, d_ffc=256, eta=2, r=4),
     "optimized": dict(d_model=256, n_layers=2, n_heads=4, d_head=64, d_ffc=256, eta=3, r=6, dropout=0.05),
+}
+
+# GaLiTe, the exact model: the paper's T-Maze configuration (config/tmaze/relit.yaml).
+GALITE_PRESETS: dict[str, dict[str, Any]] = {
+    "galite-tmaze": dict(d_model=128, n_layers=4, n_heads=4, d_head=64, d_ffc=128, nu=2),
 }

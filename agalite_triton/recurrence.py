@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import check_recurrence_args, check_restart_args, check_slot_rows, check_tensor
+from ._call import check_call_options, no_steps
+from ._validation import check_recurrence_args
 from .backend import resolve_backend
 from .reference import reference_recurrence
 
@@ -96,38 +97,15 @@ def agalite_recurrence(
         keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick, has_time=True,
         state_batch=state_batch,
     )  # fmt: skip
-    batch, steps, heads, dim = keys.shape
-    device = keys.device
-    check_values = device.type == "cpu" if check_slots is None else bool(check_slots)
-    if final_out is not None:
-        if torch.is_grad_enabled():
-            raise RuntimeError("final_out: only for inference; call under torch.no_grad() or torch.inference_mode()")
-        if not isinstance(final_out, tuple) or len(final_out) != 3:
-            raise TypeError(f"final_out: expected a tuple (tilde_k, tilde_v, s), got {type(final_out).__name__}")
-        for name, buf, like in zip(("tilde_k", "tilde_v", "s"), final_out, (tilde_k, tilde_v, s)):
-            check_tensor(f"final_out.{name}", buf, shape=tuple(like.shape), dtype=like.dtype, device=device)
-    if slots is not None:
-        if restart is not None:
-            raise ValueError("slots and restart: expected at most one of them, got both")
-        if final_out is None:
-            raise ValueError("slots: needs final_out (the state to step in place, or another of its size), got None")
-        check_slot_rows(slots, batch, tilde_k.shape[0], device, check_values)
-    if restart is not None:
-        check_restart_args(restart, batch, steps, (tilde_k, tilde_v, s), device, check_values)
-
-    chosen = resolve_backend(backend, device)
+    batch, steps = keys.shape[:2]
+    state = (tilde_k, tilde_v, s)
+    check_call_options(
+        state, ("tilde_k", "tilde_v", "s"), batch, steps, keys.device, final_out, slots, restart, check_slots,
+        restart_tick=True,
+    )  # fmt: skip
+    chosen = resolve_backend(backend, keys.device)
     if steps == 0:
-        # Nothing to scan: an empty read-out and the incoming state (its ``slots`` rows), copied so
-        # callers may mutate it.
-        out = keys.new_empty(batch, 0, heads, dim)
-        if final_out is None:
-            return out, (tilde_k.clone(), tilde_v.clone(), s.clone())
-        for dst, src in zip(final_out, (tilde_k, tilde_v, s)):
-            if slots is None:
-                dst.copy_(src)
-            else:
-                dst.index_copy_(0, slots, src.index_select(0, slots))
-        return out, final_out
+        return no_steps(keys, state, final_out, slots)  # type: ignore[return-value]
     if chosen == "triton":
         from .kernels import triton_recurrence
 
