@@ -88,6 +88,17 @@ class PPOConfig:
     # Largest |difference| allowed between the rollout's and the first replayed minibatch's
     # log-probabilities and values (float32 rounding; a replay from wrong states is far off).
     replay_tolerance: float = 1e-4
+    # Options of the CountRecall study (examples/diagnose_count.py); the defaults are the original's model.
+    # The episode-start flag (the step's done) as one more input feature of the core, for every core.
+    start_flag: bool = False
+    # The step number inside the episode, / 100, as one more observation feature (a diagnostic oracle).
+    step_feature: bool = False
+    # AGaLiTe's tick restarted at every episode start (the tick of a fresh state), inside sequences too.
+    tick_restart: bool = False
+    # The GRU gates' bias b_g (the original's 2.0 starts every gate near the identity, the skip path).
+    gate_bias: float = 2.0
+    # The eps of the read-out's denominator 2r<s, q> + eps (the original's 1e-5).
+    attn_eps: float = 1e-5
 
     @property
     def batch_size(self) -> int:
@@ -98,8 +109,23 @@ class PPOConfig:
         return self.total_timesteps // self.batch_size
 
     @property
+    def options_tag(self) -> str:
+        """The CountRecall study's options that differ from the defaults, for run names."""
+        tag = "".join(f"_{name}" for name in ("start_flag", "step_feature", "tick_restart") if getattr(self, name))
+        if self.n_layers != PPOConfig.n_layers:
+            tag += f"_L{self.n_layers}"
+        if self.gate_bias != PPOConfig.gate_bias:
+            tag += f"_gb{self.gate_bias:g}"
+        if self.attn_eps != PPOConfig.attn_eps:
+            tag += f"_eps{self.attn_eps:g}"
+        if self.learning_rate != PPOConfig.learning_rate:
+            tag += f"_lr{self.learning_rate:g}"
+        return tag
+
+    @property
     def run_name(self) -> str:
         core = f"agalite_r{self.r}_eta{self.eta}" if self.core == "agalite" else self.core
+        core += self.options_tag
         # Beside, not over, the runs with the default number of epochs.
         epochs = "" if self.update_epochs == PPOConfig.update_epochs else f"_ep{self.update_epochs}"
         if self.env == "tmaze":
@@ -163,12 +189,24 @@ class AGaLiTeCore(nn.Module):
             d_ffc=cfg.d_ffc, eta=cfg.eta, r=cfg.r, backend=cfg.backend, batch_first=True,
         )
         self.out_dim = cfg.hidden
+        self.tick_restart = cfg.tick_restart
+        with torch.no_grad():
+            for layer in self.net.layers:
+                layer.gate1.bgp.fill_(cfg.gate_bias)
+                layer.gate2.bgp.fill_(cfg.gate_bias)
+                layer.attn.eps = cfg.attn_eps
 
     def initial_state(self, n: int, device: torch.device) -> Any:
         return self.net.initial_state(n, device=device)
 
     def forward(self, x: torch.Tensor, state: Any, dones: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        return self.net(x, state, dones)
+        if not self.tick_restart:
+            return self.net(x, state, dones)
+        # Every step that starts an episode restarts from a fresh state (zero memory, the initial tick):
+        # the same zeroing as its done, and a tick that counts from the episode's start.
+        starts = dones.bool()
+        fresh = self.net.initial_state(int(starts.sum()), device=x.device)
+        return self.net(x, state, dones, restart=starts, restart_state=fresh)
 
 
 class LSTMCore(nn.Module):
@@ -231,7 +269,8 @@ class Agent(nn.Module):
     def __init__(self, obs_dim: int, n_actions: int, cfg: PPOConfig) -> None:
         super().__init__()
         core_cls = {"agalite": AGaLiTeCore, "lstm": LSTMCore, "none": MLPCore}[cfg.core]
-        self.core = core_cls(obs_dim, cfg)
+        self.start_flag = cfg.start_flag
+        self.core = core_cls(obs_dim + int(cfg.start_flag), cfg)
         self.actor = layer_init(nn.Linear(self.core.out_dim, n_actions), std=0.01)
         self.critic = layer_init(nn.Linear(self.core.out_dim, 1), std=1.0)
 
@@ -240,6 +279,8 @@ class Agent(nn.Module):
 
     def forward(self, x: torch.Tensor, state: Any, dones: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """x (B, obs) with dones (B,), or x (B, T, obs) with dones (B, T): logits, values, new state."""
+        if self.start_flag:
+            x = torch.cat([x, dones.unsqueeze(-1).to(x.dtype)], dim=-1)
         y, state = self.core(x, state, dones)
         return self.actor(y), self.critic(y).squeeze(-1), state
 
@@ -267,6 +308,11 @@ def train(cfg: PPOConfig, run_dir: Path | None = None, progress: bool = True) ->
     """Train and return the config, the curve (one point per iteration) and the timing."""
     if cfg.core not in CORES:
         raise ValueError(f"core: expected one of {CORES}, got {cfg.core!r}")
+    transformer_only = {"tick_restart": cfg.tick_restart, "gate_bias": cfg.gate_bias != PPOConfig.gate_bias,
+                        "attn_eps": cfg.attn_eps != PPOConfig.attn_eps}  # fmt: skip
+    if cfg.core != "agalite" and any(transformer_only.values()):
+        used = [name for name, on in transformer_only.items() if on]
+        raise ValueError(f"{', '.join(used)}: options of the agalite core, got core={cfg.core!r}")
     if cfg.num_iterations < 1:
         raise ValueError(f"total_timesteps: expected >= num_envs * num_steps = {cfg.batch_size}")
     torch.set_num_threads(cfg.threads)
@@ -276,7 +322,7 @@ def train(cfg: PPOConfig, run_dir: Path | None = None, progress: bool = True) ->
     envs = make_envs(cfg)
     if not isinstance(envs.single_action_space, gym.spaces.Discrete):
         raise ValueError(f"env: expected a Discrete action space, got {envs.single_action_space}")
-    obs_dim = envs.single_observation_space.shape[0]
+    obs_dim = envs.single_observation_space.shape[0] + int(cfg.step_feature)
     device = torch.device(cfg.device)
     agent = Agent(obs_dim, int(envs.single_action_space.n), cfg).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=cfg.learning_rate, eps=cfg.adam_eps)
@@ -290,7 +336,11 @@ def train(cfg: PPOConfig, run_dir: Path | None = None, progress: bool = True) ->
     dones = torch.zeros(T, N, device=device)
     values = torch.zeros(T, N, device=device)
 
+    episode_step = np.zeros(N, np.float32)
+
     def as_obs(o: np.ndarray) -> torch.Tensor:
+        if cfg.step_feature:
+            o = np.concatenate([np.asarray(o, dtype=np.float32), episode_step[:, None] / 100], axis=1)
         return torch.from_numpy(np.asarray(o, dtype=np.float32)).to(device)
 
     next_obs = as_obs(envs.reset(seed=cfg.seed)[0])
@@ -324,8 +374,9 @@ def train(cfg: PPOConfig, run_dir: Path | None = None, progress: bool = True) ->
             actions[step], logprobs[step], values[step] = action, dist.log_prob(action), value
             o, r, term, trunc, info = envs.step(action.cpu().numpy())
             rewards[step] = torch.from_numpy(np.asarray(r, dtype=np.float32)).to(device)
-            next_obs = as_obs(o)
             done = np.asarray(term | trunc)
+            episode_step = np.where(done, 0.0, episode_step + 1).astype(np.float32)
+            next_obs = as_obs(o)
             next_done = torch.from_numpy(done).float().to(device)
             running_return += r
             if done.any():
