@@ -270,6 +270,11 @@ GALITE_BAD_CALLS: list[BadCall] = [
      r"^packed: expected shape \(B, 240\), got \(3, 177\)"),
     ("pack_agalite_state", lambda c: c.model.pack_state(other_model().initial_state(B)), TypeError,
      r"^state: expected an GaLiTeState"),
+    ("pack_plain_tuple", lambda c: c.model.pack_state(tuple(c.state)), TypeError,
+     r"^state: expected an GaLiTeState, got tuple"),
+    ("restart_state_plain_tuple", lambda c: c.model(c.x, c.state, restart=torch.zeros(B, T, dtype=torch.bool),
+                                                    restart_state=tuple(c.state)),  # fmt: skip
+     TypeError, r"^restart_state: expected an GaLiTeState, got tuple"),
     ("out_other_nu", lambda c: torch.no_grad()(c.model)(c.x, c.state, out=other_galite(nu=2).initial_state(B)),
      ValueError, r"^out.c: expected shape"),
     ("restart_state_agalite", lambda c: c.model(c.x, c.state, restart=torch.zeros(B, T, dtype=torch.bool),
