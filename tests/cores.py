@@ -27,6 +27,10 @@ def make_core(kind: str, seed: int = 0, **sizes) -> RecurrentStack:
     return MODELS[kind](**own, **{k: v for k, v in sizes.items() if k not in foreign})
 
 
+def model_kind(model: RecurrentStack) -> str:
+    return next(kind for kind, cls in MODELS.items() if type(model) is cls)
+
+
 def busy_state(model: RecurrentStack, batch: int, seed: int = 1, tick: torch.Tensor | None = None) -> StateOps:
     """A non-zero state with distinct ticks (where the model has them), so that a wrong env, layer or tick
     shows. Normalisers (``s``) are positive, as the recurrence keeps them; the other memories any sign."""
