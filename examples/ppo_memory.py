@@ -1,4 +1,5 @@
-"""Recurrent PPO on a memory task: AGaLiTe vs LSTM vs a memoryless MLP.
+"""Recurrent PPO on a memory task: AGaLiTe vs GaLiTe (the exact model it approximates) vs LSTM vs a
+memoryless MLP.
 
 CleanRL-style single file: vectorised envs, GAE, clipped objective, and minibatches of whole
 (env, segment) rows replayed from the recurrent state each env had at the segment's start
@@ -10,6 +11,7 @@ dones stops the run.
 
     python examples/ppo_memory.py --core agalite --corridor 20 --seed 1          # the cue-recall T-maze
     python examples/ppo_memory.py --env popgym:RepeatPreviousEasy --core agalite --r 4 --seed 1
+    python examples/ppo_memory.py --core galite --nu 2 --corridor 20 --seed 1           # GaLiTe's core
 
 ``--env popgym:<Name>`` takes any POPGym environment with a Discrete or MultiDiscrete action space
 (``pip install -e ".[rl]"``, which pins popgym 1.0.7), vectorised with gymnasium's ``SyncVectorEnv``
@@ -44,7 +46,7 @@ from torch.distributions import Categorical
 from agalite_triton.envs import TMazeVecEnv
 from agalite_triton.rl import SegmentStates
 
-CORES = ("agalite", "lstm", "none")
+CORES = ("agalite", "galite", "lstm", "none")
 POPGYM_PREFIX = "popgym:"
 
 
@@ -77,8 +79,9 @@ class PPOConfig:
     n_heads: int = 4
     d_head: int = 16
     d_ffc: int = 64
-    eta: int = 4
+    eta: int = 4  # AGaLiTe's feature multiplier and approximation terms
     r: int = 2
+    nu: int = 2  # GaLiTe's feature multiplier
     backend: str | None = None
     device: str = "cpu"
     threads: int = 1
@@ -99,7 +102,8 @@ class PPOConfig:
 
     @property
     def run_name(self) -> str:
-        core = f"agalite_r{self.r}_eta{self.eta}" if self.core == "agalite" else self.core
+        sizes = {"agalite": f"agalite_r{self.r}_eta{self.eta}", "galite": f"galite_nu{self.nu}"}
+        core = sizes.get(self.core, self.core)
         # Beside, not over, the runs with the default number of epochs.
         epochs = "" if self.update_epochs == PPOConfig.update_epochs else f"_ep{self.update_epochs}"
         if self.env == "tmaze":
@@ -151,17 +155,20 @@ def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias: float = 0.0) -
     return layer
 
 
-class AGaLiTeCore(nn.Module):
-    """The AGaLiTe stack itself; its state is an ``AGaLiTeState``."""
+class StackCore(nn.Module):
+    """The AGaLiTe (``--core agalite``) or GaLiTe (``--core galite``) stack itself; its state is the
+    model's (``AGaLiTeState`` or ``GaLiTeState``), which :class:`SegmentStates` stores as it is."""
 
     def __init__(self, obs_dim: int, cfg: PPOConfig) -> None:
         super().__init__()
-        from agalite_triton import AGaLiTe
+        from agalite_triton import AGaLiTe, GaLiTe
 
-        self.net = AGaLiTe(
-            obs_dim, d_model=cfg.hidden, n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_head=cfg.d_head,
-            d_ffc=cfg.d_ffc, eta=cfg.eta, r=cfg.r, backend=cfg.backend, batch_first=True,
-        )
+        sizes = dict(d_model=cfg.hidden, n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_head=cfg.d_head,
+                     d_ffc=cfg.d_ffc, backend=cfg.backend, batch_first=True)  # fmt: skip
+        if cfg.core == "agalite":
+            self.net = AGaLiTe(obs_dim, eta=cfg.eta, r=cfg.r, **sizes)
+        else:
+            self.net = GaLiTe(obs_dim, nu=cfg.nu, **sizes)
         self.out_dim = cfg.hidden
 
     def initial_state(self, n: int, device: torch.device) -> Any:
@@ -230,7 +237,7 @@ class MLPCore(nn.Module):
 class Agent(nn.Module):
     def __init__(self, obs_dim: int, n_actions: int, cfg: PPOConfig) -> None:
         super().__init__()
-        core_cls = {"agalite": AGaLiTeCore, "lstm": LSTMCore, "none": MLPCore}[cfg.core]
+        core_cls = {"agalite": StackCore, "galite": StackCore, "lstm": LSTMCore, "none": MLPCore}[cfg.core]
         self.core = core_cls(obs_dim, cfg)
         self.actor = layer_init(nn.Linear(self.core.out_dim, n_actions), std=0.01)
         self.critic = layer_init(nn.Linear(self.core.out_dim, 1), std=1.0)
@@ -478,7 +485,7 @@ def main() -> None:
     cfg, run_dir = parse_args()
     result = train(cfg, run_dir)
     print(
-        f"env={cfg.env} core={cfg.core} r={cfg.r} seed={cfg.seed}: final mean return {result['final_return']:.3f}, "
+        f"env={cfg.env} core={cfg.core} seed={cfg.seed}: final mean return {result['final_return']:.3f}, "
         f"reached {cfg.target_return} at {result['steps_to_target']} steps, "
         f"wall {result['wall_s']:.1f}s, {result['sps']:.0f} SPS -> {run_dir}"
     )
