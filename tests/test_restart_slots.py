@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agalite_triton import agalite_recurrence
+from agalite_triton import agalite_recurrence, galite_recurrence
 from agalite_triton.stack import RecurrentStack
 from agalite_triton.state import StateOps
 
@@ -39,21 +39,22 @@ def memories(batch: int, r: int, seed: int, dtype=torch.float64) -> list[torch.T
     ]
 
 
-def split_oracle(proj, dones, state, tick, index, restart_mem, restart_tick):
-    """Each row run in pieces split at its restart points, every piece from its own memory and tick."""
+def split_oracle(proj, dones, state, tick, index, restart_mem, restart_tick, recurrence=agalite_recurrence):
+    """Each row run in pieces split at its restart points, every piece from its own memory and tick.
+    ``tick`` and ``restart_tick`` None: a recurrence without one (``galite_recurrence``)."""
     outs, finals = [], []
     for b in range(index.shape[0]):
         cuts = [0] + [t for t in range(index.shape[1]) if index[b, t] >= 0 and t > 0] + [index.shape[1]]
-        mem, tk = [m[b : b + 1] for m in state], tick[b : b + 1]
+        mem, tk = [m[b : b + 1] for m in state], None if tick is None else tick[b : b + 1]
         row_out = []
         for t0, t1 in zip(cuts[:-1], cuts[1:]):
             n = int(index[b, t0])
             if n >= 0:
-                mem, tk = [m[n : n + 1] for m in restart_mem], restart_tick[n : n + 1]
+                mem, tk = [m[n : n + 1] for m in restart_mem], None if restart_tick is None else restart_tick[n : n + 1]
             piece = [p[b : b + 1, t0:t1] for p in proj]
             dn = None if dones is None else dones[b : b + 1, t0:t1]
-            out, mem = agalite_recurrence(*piece, dn, *mem, tk, backend="reference")
-            tk = tk + (t1 - t0)
+            out, mem = recurrence(*piece, dn, *mem, *(() if tk is None else (tk,)), backend="reference")
+            tk = None if tk is None else tk + (t1 - t0)
             row_out.append(out)
         outs.append(torch.cat(row_out, 1))
         finals.append(mem)
@@ -187,6 +188,63 @@ def test_restart_bad_arguments_name_themselves():
         call(restart=(index, rmem[0], rmem[1][:3], rmem[2], rtick))
     with pytest.raises(TypeError, match=r"^restart.tilde_k: expected dtype torch.float64"):
         call(restart=(index, rmem[0].float(), *rmem[1:], rtick))
+
+
+def galite_case(seed: int, nu: int = 3):
+    """restart_case's batch, restart points and dones for GaLiTe: (B, T, H, nu) factors, memories (c, s)."""
+    _, dones, _, _, index, _, _ = restart_case(2, seed)
+    B, T, N = 3, 7, 4
+    g = torch.Generator().manual_seed(seed)
+    proj = [torch.randn(B, T, H, D, generator=g, dtype=torch.float64) for _ in range(5)]
+    proj += [torch.randn(B, T, H, nu, generator=g, dtype=torch.float64) for _ in range(3)]
+
+    def mem(batch):
+        return [torch.randn(batch, H, D, nu * D, generator=g, dtype=torch.float64),
+                torch.rand(batch, H, nu * D, generator=g, dtype=torch.float64)]  # fmt: skip
+
+    return proj, dones, mem(B), index, mem(N)
+
+
+def test_galite_restart_equals_split_rows_with_gradients():
+    proj, dones, state, index, rmem = galite_case(seed=1)
+    results = []
+    for run in ("restart", "split"):
+        leaves = [t.clone().requires_grad_() for t in proj + state + rmem]
+        p, st, rm = leaves[:8], leaves[8:10], leaves[10:]
+        if run == "restart":
+            out, final = galite_recurrence(*p, dones, *st, restart=(index, *rm), backend="reference")
+        else:
+            out, final = split_oracle(p, dones, st, None, index, rm, None, recurrence=galite_recurrence)
+        g = torch.Generator().manual_seed(9)
+        loss = sum((torch.randn(t.shape, generator=g, dtype=t.dtype) * t).sum() for t in (out, *final))
+        results.append((out, final, torch.autograd.grad(loss, leaves)))
+    (out, final, grads), (out2, final2, grads2) = results
+    torch.testing.assert_close(out, out2, rtol=1e-12, atol=1e-12)
+    for a, b in zip(final, final2):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for i, (a, b) in enumerate(zip(grads, grads2)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"gradient of leaf {i}")
+    # Row 0 restarts at t = 0: nothing of its incoming state reaches the result; every restart row is used.
+    assert all(float(gr[0].abs().max()) == 0 for gr in grads[8:10])
+    assert all(float(gr.abs().max()) > 0 for gr in grads[10:])
+
+
+def test_galite_slots_step_equals_those_rows_alone():
+    proj, dones, _, _, _ = galite_case(seed=2)
+    proj, dones = [t[:, :3].float() for t in proj], dones[:, :3]
+    g = torch.Generator().manual_seed(3)
+    mem = [torch.randn(7, H, D, 3 * D, generator=g), torch.rand(7, H, 3 * D, generator=g)]
+    slots = torch.tensor([5, 0, 3])
+    with torch.no_grad():
+        alone_out, alone = galite_recurrence(*proj, dones, *[m[slots] for m in mem])
+        live = [m.clone() for m in mem]
+        out, final = galite_recurrence(*proj, dones, *live, final_out=tuple(live), slots=slots)
+    assert torch.equal(out, alone_out)
+    others = torch.tensor([1, 2, 4, 6])
+    for name, a, b, before, fin in zip(("c", "s"), live, alone, mem, final):
+        assert fin.data_ptr() == a.data_ptr(), name
+        assert torch.equal(a[slots], b), name
+        assert torch.equal(a[others], before[others]), name
 
 
 # ----------------------------------------------------------------------------------------------- slots
