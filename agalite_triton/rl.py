@@ -8,9 +8,10 @@ set of (env, segment) rows, replayed as one ``(B, segment_len)`` forward from
 :meth:`SegmentStates.rows`. Passing the same dones that the rollout passed makes episode boundaries
 inside a segment reset the memory exactly as they did during the rollout.
 
-It is framework-free and works for any state that is an :class:`~agalite_triton.AGaLiTeState` (or
-any object with ``select(index)``, ``detach()`` and a ``cat(states)`` on its type) or a tensor with
-the batch first, such as ``model.pack_state(state)`` (B, S) or an LSTM's ``(h, c)`` stacked batch-first.
+It is framework-free and works for any state that is an :class:`~agalite_triton.AGaLiTeState` or a
+:class:`~agalite_triton.GaLiTeState` (or any object with ``select(index)``, ``detach()`` and a
+``cat(states)`` on its type) or a tensor with the batch first, such as ``model.pack_state(state)`` (B, S)
+or an LSTM's ``(h, c)`` stacked batch-first.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def _state_batch_size(state: Any) -> int:
         return int(state.batch_size)
     raise TypeError(
         f"state: expected a batch-first torch.Tensor or an object with batch_size/select/cat "
-        f"(e.g. AGaLiTeState), got {type(state).__name__}"
+        f"(e.g. AGaLiTeState or GaLiTeState), got {type(state).__name__}"
     )
 
 

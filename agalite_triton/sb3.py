@@ -5,6 +5,9 @@ imports this module.
 
 ``RecurrentPPO(AGaLiTePolicy, env, policy_kwargs=dict(agalite_kwargs=dict(preset="paper")))`` (or the
 sizes of :class:`~agalite_triton.AGaLiTe`, without ``input_dim``, which is the features extractor's output).
+With ``core="galite"`` the cores are :class:`~agalite_triton.GaLiTe` and ``agalite_kwargs`` its preset
+(default ``galite-tmaze``) or sizes: ``policy_kwargs=dict(core="galite", agalite_kwargs=dict(d_model=64, ...,
+nu=2))``.
 
 How sb3-contrib 2.9.2's conventions are met:
 
@@ -15,11 +18,11 @@ How sb3-contrib 2.9.2's conventions are met:
   The buffers then hold ``2 * 2 * ceil(S / 2)`` float32 words per env and step (actor and critic).
 * ``episode_start`` means "this observation starts a new episode", as AGaLiTe's ``dones``. The state is
   reset as sb3-contrib resets an LSTM, by multiplying it by ``1 - episode_start``: the packed state of
-  zeros is exactly the initial state (memory 0, tick 1). An episode start inside a replayed sequence
+  zeros is exactly the initial state (memory 0, and tick 1 for AGaLiTe). An episode start inside a replayed sequence
   (sb3 cuts sequences there, so it does not happen in ``RecurrentPPO`` itself) restarts from the initial
   state, as the multiplication does for an LSTM.
 * The parent class builds throwaway ``nn.LSTM`` s (of ``d_model`` units) and an optimiser over them; this
-  class replaces them by the AGaLiTe cores and rebuilds the optimiser over ``self.parameters()``, so
+  class replaces them by the cores and rebuilds the optimiser over ``self.parameters()``, so
   that the optimiser holds the cores' parameters.
 * ``shared_lstm`` / ``enable_critic_lstm`` keep their meaning: by default the critic has its own core
   (as sb3's default critic LSTM); ``shared_lstm=True`` reuses the actor's features, detached, as sb3 does.
@@ -33,21 +36,28 @@ import torch
 from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
 from torch import nn
 
+from .galite import GaLiTe
 from .model import AGaLiTe
-from .presets import PRESETS
+from .stack import RecurrentStack
 
-__all__ = ["AGaLiTePolicy", "PackedCore"]
+__all__ = ["CORES", "AGaLiTePolicy", "PackedCore"]
+
+# The cores a policy can use (``core=``), and each one's preset when neither a preset nor sizes are given.
+CORES: dict[str, type[RecurrentStack]] = {"agalite": AGaLiTe, "galite": GaLiTe}
+_DEFAULT_PRESETS = {"agalite": "paper", "galite": "galite-tmaze"}
 
 
 class PackedCore(nn.Module):
-    """An AGaLiTe core dressed as the ``nn.LSTM`` that ``RecurrentPPO`` reads its buffer sizes from.
+    """An AGaLiTe or GaLiTe core dressed as the ``nn.LSTM`` that ``RecurrentPPO`` reads its buffer sizes from.
 
     ``num_layers = 1`` and ``hidden_size = ceil(S / 2)``: the packed state travels as sb3's ``(h, c)``
     pair, each ``(1, batch, hidden_size)``.
     """
 
-    def __init__(self, model: AGaLiTe, input_size: int) -> None:
+    def __init__(self, model: RecurrentStack, input_size: int) -> None:
         super().__init__()
+        if not isinstance(model, RecurrentStack):
+            raise TypeError(f"model: expected an agalite_triton.AGaLiTe or GaLiTe, got {type(model).__name__}")
         if model._state_dtype() != torch.float32:
             raise TypeError("model: expected a float32 model (sb3's state buffers are float32), got a float64 one")
         self.model = model
@@ -87,44 +97,57 @@ class PackedCore(nn.Module):
         return y.reshape(-1, y.shape[-1]), self.halves(self.model.pack_state(new_state))
 
 
-def _build_core(agalite_kwargs: dict[str, Any], input_dim: int) -> AGaLiTe:
-    kwargs = dict(agalite_kwargs)
+def _build_core(model_class: type[RecurrentStack], core_kwargs: dict[str, Any], input_dim: int) -> RecurrentStack:
+    kwargs = dict(core_kwargs)
     preset = kwargs.pop("preset", None)
     if preset is not None:
-        return AGaLiTe.from_preset(preset, input_dim=input_dim, **kwargs)
-    return AGaLiTe(input_dim=input_dim, **kwargs)
+        return model_class.from_preset(preset, input_dim=input_dim, **kwargs)
+    return model_class(input_dim=input_dim, **kwargs)
 
 
 class AGaLiTePolicy(RecurrentActorCriticPolicy):
-    """``RecurrentActorCriticPolicy`` with AGaLiTe cores in place of the LSTMs.
+    """``RecurrentActorCriticPolicy`` with AGaLiTe (or GaLiTe) cores in place of the LSTMs.
 
     Args:
-        agalite_kwargs: ``dict(preset=name, **overrides)`` or the sizes of :class:`~agalite_triton.AGaLiTe`
-            (``d_model, n_layers, n_heads, d_head, d_ffc, eta, r`` and optional ones), without
-            ``input_dim`` (the features extractor's output size). Default: the ``paper`` preset.
+        core: ``"agalite"`` (default) or ``"galite"``: which model the cores are (see :data:`CORES`).
+        agalite_kwargs: ``dict(preset=name, **overrides)`` or the sizes of the core's model
+            (:class:`~agalite_triton.AGaLiTe`: ``d_model, n_layers, n_heads, d_head, d_ffc, eta, r``;
+            :class:`~agalite_triton.GaLiTe`: ``nu`` in place of ``eta, r``; and optional ones), without
+            ``input_dim`` (the features extractor's output size). Default: the ``paper`` preset (AGaLiTe)
+            or ``galite-tmaze`` (GaLiTe).
         Everything else as ``RecurrentActorCriticPolicy``, except the LSTM sizes (``lstm_hidden_size``,
         ``n_lstm_layers``, ``lstm_kwargs``), which do not apply.
     """
 
-    def __init__(self, *args: Any, agalite_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, core: str = "agalite", agalite_kwargs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         for name in ("lstm_hidden_size", "n_lstm_layers", "lstm_kwargs"):
             if name in kwargs:
                 raise ValueError(f"{name}: does not apply to AGaLiTePolicy (size the core with agalite_kwargs)")
-        agalite_kwargs = dict(preset="paper") if agalite_kwargs is None else dict(agalite_kwargs)
+        if core not in CORES:
+            raise ValueError(f"core: expected one of {sorted(CORES)}, got {core!r}")
+        model_class = CORES[core]
+        agalite_kwargs = dict(preset=_DEFAULT_PRESETS[core]) if agalite_kwargs is None else dict(agalite_kwargs)
         if "input_dim" in agalite_kwargs:
             raise ValueError("agalite_kwargs: input_dim is the features extractor's output size; leave it out")
         preset = agalite_kwargs.get("preset")
-        if preset is not None and preset not in PRESETS:
-            raise ValueError(f"agalite_kwargs: preset expected one of {sorted(PRESETS)}, got {preset!r}")
-        d_model = agalite_kwargs.get("d_model", PRESETS[preset]["d_model"] if preset is not None else None)
+        presets = model_class.presets
+        if preset is not None and preset not in presets:
+            raise ValueError(
+                f"agalite_kwargs: preset expected one of {sorted(presets)} (core={core!r}), got {preset!r}"
+            )
+        d_model = agalite_kwargs.get("d_model", presets[preset]["d_model"] if preset is not None else None)
         if d_model is None:
             raise ValueError("agalite_kwargs: expected preset= or the core's sizes (d_model, n_layers, ...)")
+        self.core = core
         self.agalite_kwargs = agalite_kwargs
         # The parent builds the mlp_extractor on lstm_hidden_size outputs: the core's d_model.
         super().__init__(*args, lstm_hidden_size=d_model, n_lstm_layers=1, **kwargs)
-        self.lstm_actor = PackedCore(_build_core(agalite_kwargs, self.features_dim), self.features_dim)
+        build = lambda: PackedCore(_build_core(model_class, agalite_kwargs, self.features_dim), self.features_dim)
+        self.lstm_actor = build()
         if self.lstm_critic is not None:
-            self.lstm_critic = PackedCore(_build_core(agalite_kwargs, self.features_dim), self.features_dim)
+            self.lstm_critic = build()
         self.lstm_hidden_state_shape = (1, 1, self.lstm_actor.hidden_size)
         self.to(self.device)
         # The parent's optimiser holds the throwaway LSTMs' parameters: rebuild it over the cores.

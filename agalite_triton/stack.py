@@ -113,11 +113,16 @@ class RecurrentStack(nn.Module):
         """``state.reset(mask)``: zero the memories of the environments where ``mask`` (B,) is true."""
         return state.reset(mask)
 
-    def check_state(self, state: object, batch_size: int, device: torch.device, name: str = "state") -> None:
-        """Raise if ``state`` does not belong to this model's sizes, ``batch_size`` and ``device``."""
+    def check_state(
+        self, state: object, batch_size: int | None, device: torch.device | None, name: str = "state"
+    ) -> None:
+        """Raise if ``state`` does not belong to this model's sizes, ``batch_size`` and ``device`` (``None``:
+        the state's own, for a state whose batch or device nothing else fixes)."""
         cls = self.state_class
         if not isinstance(state, cls):
             raise TypeError(f"{name}: expected an {cls.__name__}, got {type(state).__name__}")
+        batch_size = state.batch_size if batch_size is None else batch_size
+        device = state.device if device is None else device
         dt = self._state_dtype()
         for field, tensor, shape in zip(self._memory_names(), state.memories(), self.memory_shapes()):
             check_tensor(f"{name}.{field}", tensor, shape=(self.n_layers, batch_size, *shape), dtype=dt, device=device)
@@ -148,7 +153,7 @@ class RecurrentStack(nn.Module):
         or 0 (0: the initial state), ``torch.where``, ``cat``, indexing, flushing denormals and replacing
         NaNs in other entries all leave a valid state. :meth:`unpack_state` inverts it.
         """
-        self.check_state(state, state.batch_size, state.device)
+        self.check_state(state, None, None)
         B = state.batch_size
         parts = [t.transpose(0, 1).reshape(B, -1) for t in state.memories()]
         if self.has_tick:
@@ -320,7 +325,7 @@ class RecurrentStack(nn.Module):
         restart = self._time_mask(
             "restart", restart, batch, steps, single, device, check=functools.partial(check_tensor, dtype=torch.bool)
         )
-        self.check_state(restart_state, restart_state.batch_size, device, name="restart_state")
+        self.check_state(restart_state, None, device, name="restart_state")
         if device.type == "cpu":
             wanted = int(restart.sum())
             if wanted != restart_state.batch_size:
@@ -345,10 +350,8 @@ class RecurrentStack(nn.Module):
         device = x.device
         if state is None:
             raise ValueError("state: env_ids steps rows of a given state, got None")
-        if not isinstance(state, self.state_class):
-            raise TypeError(f"state: expected an {self.state_class.__name__}, got {type(state).__name__}")
+        self.check_state(state, None, device)
         state_batch = state.batch_size
-        self.check_state(state, state_batch, device)
         if out is None:
             out = state.clone()
         else:

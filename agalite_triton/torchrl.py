@@ -1,4 +1,5 @@
-"""TorchRL adapter: :class:`AGaLiTeModule` stands where ``torchrl.modules.LSTMModule`` stands.
+"""TorchRL adapter: :class:`AGaLiTeModule` stands where ``torchrl.modules.LSTMModule`` stands, with an
+:class:`~agalite_triton.AGaLiTe` or a :class:`~agalite_triton.GaLiTe` core.
 
 Needs ``pip install -e ".[torchrl]"`` (torchrl 0.14.1, tensordict 0.14.3); ``import agalite_triton`` never
 imports this module.
@@ -19,14 +20,14 @@ What TorchRL's conventions mean here (torchrl 0.14.1):
   whose stored ``("next", state_key)`` is mid-episode. One model call, no padding: the restart rows are
   passed to ``model(..., restart=, restart_state=)``.
 * The state is stored per frame twice, at the root and under ``"next"``: ``2 * 4 * model.state_size``
-  bytes per frame in float32 (paper preset: 114,696 bytes).
+  bytes per frame in float32 (AGaLiTe's paper preset: 114,696 bytes; GaLiTe's galite-tmaze: 1,064,960).
 * GAE vmaps its value network by default; like TorchRL's RNN modules this one cannot run under
   ``torch.vmap`` (restart points are data-dependent), so build ``GAE(..., deactivate_vmap=True)``. Under
   vmap the module raises an error saying so.
 
 Differences from ``LSTMModule``: in recurrent mode the module writes only ``out_key``. ``LSTMModule`` writes
 a per-frame hidden state there that is zero except at each trajectory's last frame (its docs say not to
-trust it); for AGaLiTe that tensor would be ``B * T * state_size`` floats. In acting mode both write the
+trust it); here that tensor would be ``B * T * state_size`` floats. In acting mode both write the
 new state to ``("next", state_key)``.
 """
 
@@ -40,7 +41,7 @@ from torchrl.data.tensor_specs import Unbounded
 from torchrl.envs.transforms import TensorDictPrimer
 from torchrl.modules.tensordict_module.rnn import recurrent_mode as _recurrent_mode
 
-from .model import AGaLiTe
+from .stack import RecurrentStack
 
 __all__ = ["AGaLiTeModule"]
 
@@ -50,13 +51,15 @@ def _is_vmapped(x: torch.Tensor) -> bool:
 
 
 class AGaLiTeModule(TensorDictModuleBase):
-    """An :class:`~agalite_triton.AGaLiTe` core as a TensorDict module with a packed recurrent state.
+    """An :class:`~agalite_triton.AGaLiTe` or :class:`~agalite_triton.GaLiTe` core as a TensorDict module
+    with a packed recurrent state.
 
     in_keys ``[in_key, state_key, "is_init"]``, out_keys ``[out_key, ("next", state_key)]``. The state is
     ``model.pack_state(...)``: (S,) float per frame, ``S = model.state_size``; zeros are the initial state.
 
     Args:
-        model: the core. Its output (``model.d_model`` features) goes to ``out_key``.
+        model: the core (any :class:`~agalite_triton.stack.RecurrentStack`). Its output (``model.d_model``
+            features) goes to ``out_key``.
         in_key: the observation (or embedding) key, ``(*batch, input_dim)`` per frame.
         out_key: where the features go.
         state_key: the packed state's key (the primer and ``("next", state_key)`` use it too).
@@ -65,7 +68,7 @@ class AGaLiTeModule(TensorDictModuleBase):
 
     def __init__(
         self,
-        model: AGaLiTe,
+        model: RecurrentStack,
         in_key: NestedKey,
         out_key: NestedKey,
         state_key: str = "recurrent_state_agalite",
@@ -73,8 +76,8 @@ class AGaLiTeModule(TensorDictModuleBase):
         default_recurrent_mode: bool | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(model, AGaLiTe):
-            raise TypeError(f"model: expected an agalite_triton.AGaLiTe, got {type(model).__name__}")
+        if not isinstance(model, RecurrentStack):
+            raise TypeError(f"model: expected an agalite_triton.AGaLiTe or GaLiTe, got {type(model).__name__}")
         if not model.batch_first:
             raise ValueError("model: expected batch_first=True (tensordicts keep time after the batch), got False")
         if not isinstance(state_key, str):
@@ -104,7 +107,8 @@ class AGaLiTeModule(TensorDictModuleBase):
         )
 
     def make_tensordict_primer(self) -> TensorDictPrimer:
-        """A primer that zero-fills ``state_key`` at reset: the initial state (memory 0, tick 1)."""
+        """A primer that zero-fills ``state_key`` at reset: the initial state (memory 0, and tick 1 where the
+        core has a tick)."""
         spec = Unbounded(shape=(self.model.state_size,), dtype=self.model._state_dtype())
         return TensorDictPrimer({self.state_key: spec}, expand_specs=True)
 

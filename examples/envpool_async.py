@@ -1,4 +1,4 @@
-"""EnvPool in async mode, stepped with an AGaLiTe core through ``env_ids``.
+"""EnvPool in async mode, stepped with an AGaLiTe (or GaLiTe) core through ``env_ids``.
 
 With ``batch_size < num_envs`` EnvPool's ``recv()`` returns whichever ``batch_size`` environments have
 finished their step, identified by ``info["env_id"]``, while the others keep running. The core keeps
@@ -7,7 +7,7 @@ one state for all ``num_envs`` environments and steps exactly the rows that came
     feats, _ = model(x, state, episode_start, env_ids=ids, out=state)
 
 ``episode_start`` is ``info["elapsed_step"] == 0``: EnvPool resets a finished environment on its next
-step and returns the new episode's first observation, which is what AGaLiTe's ``dones`` mean.
+step and returns the new episode's first observation, which is what the core's ``dones`` mean.
 
 The default task is MiniGrid's ``Memory`` (``MiniGrid-MemoryS7-v0``): the agent sees an object in a
 start room and must pick the matching one at the end of a corridor. ``--env CartPole-v1`` works too.
@@ -16,6 +16,7 @@ per-env trajectory bookkeeping. Prints env-steps/s and episode statistics.
 
     pip install -e ".[envpool]"
     python examples/envpool_async.py --num-envs 16 --batch-size 8 --steps 2000
+    python examples/envpool_async.py --core galite --nu 2      # GaLiTe, the exact model AGaLiTe approximates
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from agalite_triton import AGaLiTe
+from agalite_triton import AGaLiTe, GaLiTe
+from agalite_triton.stack import RecurrentStack
+
+MODELS: dict[str, type[RecurrentStack]] = {"agalite": AGaLiTe, "galite": GaLiTe}
 
 
 def encode(obs: np.ndarray | dict[str, np.ndarray]) -> torch.Tensor:
@@ -57,7 +61,7 @@ class Record:
     features: list[torch.Tensor] = field(default_factory=list)
 
 
-def run(env, model: AGaLiTe, head: nn.Module, steps: int, seed: int = 0, record: Record | None = None) -> dict:
+def run(env, model: RecurrentStack, head: nn.Module, steps: int, seed: int = 0, record: Record | None = None) -> dict:
     """``steps`` async batches: recv, step the core on those env_ids in place, sample, send."""
     num_envs = env.config["num_envs"]
     state = model.initial_state(num_envs)
@@ -111,20 +115,24 @@ def main() -> None:
     parser.add_argument("--num-envs", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8, help="environments per recv (async when < num-envs)")
     parser.add_argument("--steps", type=int, default=2000, help="recv/send rounds")
-    parser.add_argument("--preset", default=None, help="an AGaLiTe preset (default: 1 layer, d_model 64)")
+    parser.add_argument("--core", choices=sorted(MODELS), default="agalite")
+    parser.add_argument("--preset", default=None, help="a preset of the core (default: 1 layer, d_model 64)")
+    parser.add_argument("--nu", type=int, default=2, help="GaLiTe's feature multiplier (--core galite)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     env = make(args.env, args.num_envs, args.batch_size, args.seed)
     torch.manual_seed(args.seed)
     dim = input_dim(env)
+    model_class = MODELS[args.core]
     if args.preset:
-        model = AGaLiTe.from_preset(args.preset, input_dim=dim)
+        model = model_class.from_preset(args.preset, input_dim=dim)
     else:
-        model = AGaLiTe(input_dim=dim, d_model=64, n_layers=1, n_heads=4, d_head=16, d_ffc=64, eta=4, r=4)
+        own = dict(eta=4, r=4) if args.core == "agalite" else dict(nu=args.nu)
+        model = model_class(input_dim=dim, d_model=64, n_layers=1, n_heads=4, d_head=16, d_ffc=64, **own)
     head = nn.Linear(model.d_model, int(env.action_space.n))
     stats = run(env, model, head, args.steps, seed=args.seed)
     print(
-        f"{args.env}: {stats['frames']} env-steps in {stats['seconds']:.2f} s "
+        f"{args.env} ({args.core}): {stats['frames']} env-steps in {stats['seconds']:.2f} s "
         f"({stats['frames'] / stats['seconds']:.0f} env-steps/s), {args.num_envs} envs, batch {args.batch_size}; "
         f"{stats['episodes']} episodes ended, mean return {stats['mean_return']:.3f}"
     )

@@ -1,4 +1,5 @@
-"""Recurrent PPO on a memory task: AGaLiTe vs LSTM vs a memoryless MLP.
+"""Recurrent PPO on a memory task: AGaLiTe vs GaLiTe (the exact model it approximates) vs LSTM vs a
+memoryless MLP.
 
 CleanRL-style single file: vectorised envs, GAE, clipped objective, and minibatches of whole
 (env, segment) rows replayed from the recurrent state each env had at the segment's start
@@ -10,6 +11,7 @@ dones stops the run.
 
     python examples/ppo_memory.py --core agalite --corridor 20 --seed 1          # the cue-recall T-maze
     python examples/ppo_memory.py --env popgym:RepeatPreviousEasy --core agalite --r 4 --seed 1
+    python examples/ppo_memory.py --core galite --nu 2 --corridor 20 --seed 1           # GaLiTe's core
 
 ``--env popgym:<Name>`` takes any POPGym environment with a Discrete or MultiDiscrete action space
 (``pip install -e ".[rl]"``, which pins popgym 1.0.7), vectorised with gymnasium's ``SyncVectorEnv``
@@ -44,7 +46,7 @@ from torch.distributions import Categorical
 from agalite_triton.envs import TMazeVecEnv
 from agalite_triton.rl import SegmentStates
 
-CORES = ("agalite", "lstm", "none")
+CORES = ("agalite", "galite", "lstm", "none")
 POPGYM_PREFIX = "popgym:"
 
 
@@ -77,8 +79,9 @@ class PPOConfig:
     n_heads: int = 4
     d_head: int = 16
     d_ffc: int = 64
-    eta: int = 4
+    eta: int = 4  # AGaLiTe's feature multiplier and approximation terms
     r: int = 2
+    nu: int = 2  # GaLiTe's feature multiplier
     backend: str | None = None
     device: str = "cpu"
     threads: int = 1
@@ -95,10 +98,11 @@ class PPOConfig:
     step_feature: bool = False
     # AGaLiTe's tick restarted at every episode start (the tick of a fresh state), inside sequences too.
     tick_restart: bool = False
-    # The GRU gates' bias b_g (the original's 2.0 starts every gate near the identity, the skip path).
-    gate_bias: float = 2.0
-    # The eps of the read-out's denominator 2r<s, q> + eps (the original's 1e-5).
-    attn_eps: float = 1e-5
+    # The GRU gates' bias b_g (None: the original's 2.0, which starts every gate near the identity).
+    gate_bias: float | None = None
+    # The eps of the read-out's denominator (None: the original's, 2r<s, q> + 1e-5 for AGaLiTe and
+    # <s, q> + 1e-10 for GaLiTe).
+    attn_eps: float | None = None
 
     @property
     def batch_size(self) -> int:
@@ -114,9 +118,9 @@ class PPOConfig:
         tag = "".join(f"_{name}" for name in ("start_flag", "step_feature", "tick_restart") if getattr(self, name))
         if self.n_layers != PPOConfig.n_layers:
             tag += f"_L{self.n_layers}"
-        if self.gate_bias != PPOConfig.gate_bias:
+        if self.gate_bias is not None:
             tag += f"_gb{self.gate_bias:g}"
-        if self.attn_eps != PPOConfig.attn_eps:
+        if self.attn_eps is not None:
             tag += f"_eps{self.attn_eps:g}"
         if self.learning_rate != PPOConfig.learning_rate:
             tag += f"_lr{self.learning_rate:g}"
@@ -124,8 +128,8 @@ class PPOConfig:
 
     @property
     def run_name(self) -> str:
-        core = f"agalite_r{self.r}_eta{self.eta}" if self.core == "agalite" else self.core
-        core += self.options_tag
+        sizes = {"agalite": f"agalite_r{self.r}_eta{self.eta}", "galite": f"galite_nu{self.nu}"}
+        core = sizes.get(self.core, self.core) + self.options_tag
         # Beside, not over, the runs with the default number of epochs.
         epochs = "" if self.update_epochs == PPOConfig.update_epochs else f"_ep{self.update_epochs}"
         if self.env == "tmaze":
@@ -177,24 +181,29 @@ def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias: float = 0.0) -
     return layer
 
 
-class AGaLiTeCore(nn.Module):
-    """The AGaLiTe stack itself; its state is an ``AGaLiTeState``."""
+class StackCore(nn.Module):
+    """The AGaLiTe (``--core agalite``) or GaLiTe (``--core galite``) stack itself; its state is the
+    model's (``AGaLiTeState`` or ``GaLiTeState``), which :class:`SegmentStates` stores as it is."""
 
     def __init__(self, obs_dim: int, cfg: PPOConfig) -> None:
         super().__init__()
-        from agalite_triton import AGaLiTe
+        from agalite_triton import AGaLiTe, GaLiTe
 
-        self.net = AGaLiTe(
-            obs_dim, d_model=cfg.hidden, n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_head=cfg.d_head,
-            d_ffc=cfg.d_ffc, eta=cfg.eta, r=cfg.r, backend=cfg.backend, batch_first=True,
-        )
+        sizes = dict(d_model=cfg.hidden, n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_head=cfg.d_head,
+                     d_ffc=cfg.d_ffc, backend=cfg.backend, batch_first=True)  # fmt: skip
+        if cfg.core == "agalite":
+            self.net = AGaLiTe(obs_dim, eta=cfg.eta, r=cfg.r, **sizes)
+        else:
+            self.net = GaLiTe(obs_dim, nu=cfg.nu, **sizes)
         self.out_dim = cfg.hidden
         self.tick_restart = cfg.tick_restart
         with torch.no_grad():
             for layer in self.net.layers:
-                layer.gate1.bgp.fill_(cfg.gate_bias)
-                layer.gate2.bgp.fill_(cfg.gate_bias)
-                layer.attn.eps = cfg.attn_eps
+                if cfg.gate_bias is not None:
+                    layer.gate1.bgp.fill_(cfg.gate_bias)
+                    layer.gate2.bgp.fill_(cfg.gate_bias)
+                if cfg.attn_eps is not None:
+                    layer.attn.eps = cfg.attn_eps
 
     def initial_state(self, n: int, device: torch.device) -> Any:
         return self.net.initial_state(n, device=device)
@@ -268,7 +277,7 @@ class MLPCore(nn.Module):
 class Agent(nn.Module):
     def __init__(self, obs_dim: int, n_actions: int, cfg: PPOConfig) -> None:
         super().__init__()
-        core_cls = {"agalite": AGaLiTeCore, "lstm": LSTMCore, "none": MLPCore}[cfg.core]
+        core_cls = {"agalite": StackCore, "galite": StackCore, "lstm": LSTMCore, "none": MLPCore}[cfg.core]
         self.start_flag = cfg.start_flag
         self.core = core_cls(obs_dim + int(cfg.start_flag), cfg)
         self.actor = layer_init(nn.Linear(self.core.out_dim, n_actions), std=0.01)
@@ -308,11 +317,10 @@ def train(cfg: PPOConfig, run_dir: Path | None = None, progress: bool = True) ->
     """Train and return the config, the curve (one point per iteration) and the timing."""
     if cfg.core not in CORES:
         raise ValueError(f"core: expected one of {CORES}, got {cfg.core!r}")
-    transformer_only = {"tick_restart": cfg.tick_restart, "gate_bias": cfg.gate_bias != PPOConfig.gate_bias,
-                        "attn_eps": cfg.attn_eps != PPOConfig.attn_eps}  # fmt: skip
-    if cfg.core != "agalite" and any(transformer_only.values()):
-        used = [name for name, on in transformer_only.items() if on]
-        raise ValueError(f"{', '.join(used)}: options of the agalite core, got core={cfg.core!r}")
+    if cfg.tick_restart and cfg.core != "agalite":
+        raise ValueError(f"tick_restart: an option of the agalite core (GaLiTe has no tick), got core={cfg.core!r}")
+    if cfg.core not in ("agalite", "galite") and (cfg.gate_bias is not None or cfg.attn_eps is not None):
+        raise ValueError(f"gate_bias, attn_eps: options of the agalite and galite cores, got core={cfg.core!r}")
     if cfg.num_iterations < 1:
         raise ValueError(f"total_timesteps: expected >= num_envs * num_steps = {cfg.batch_size}")
     torch.set_num_threads(cfg.threads)
@@ -510,7 +518,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[PPOConfig, Path]:
         elif field.name == "backend":
             parser.add_argument(flag, choices=("auto", "reference", "triton"), default=None)
         else:
-            kind = {"int": int, "float": float, "str": str}[field.type]
+            kind = {"int": int, "float": float, "str": str, "float | None": float}[field.type]
             parser.add_argument(flag, type=kind, default=field.default)
     parser.add_argument(
         "--run-dir", type=Path, default=None,
@@ -529,7 +537,7 @@ def main() -> None:
     cfg, run_dir = parse_args()
     result = train(cfg, run_dir)
     print(
-        f"env={cfg.env} core={cfg.core} r={cfg.r} seed={cfg.seed}: final mean return {result['final_return']:.3f}, "
+        f"env={cfg.env} core={cfg.core} seed={cfg.seed}: final mean return {result['final_return']:.3f}, "
         f"reached {cfg.target_return} at {result['steps_to_target']} steps, "
         f"wall {result['wall_s']:.1f}s, {result['sps']:.0f} SPS -> {run_dir}"
     )

@@ -6,7 +6,8 @@ unless the class is allow-listed (``torch.serialization.add_safe_globals([AGaLiT
 rebuild it with ``AGaLiTeState(**d)``, or store ``model.pack_state(state)`` (one (B, S) float32 tensor,
 the tick kept modulo the oscillator period) and rebuild it with ``model.unpack_state``. The first two are
 lossless; the packed form keeps the memories bitwise and a tick congruent to the original, so everything
-that follows is bitwise the same.
+that follows is bitwise the same. The same holds for GaLiTe and its ``GaLiTeState`` (c, s), which has no
+tick: its packed form is lossless.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ import pickle
 import pytest
 import torch
 
-from agalite_triton import AGaLiTe, AGaLiTeState
+from agalite_triton.stack import RecurrentStack
+from agalite_triton.state import StateOps
 
-SIZES = dict(input_dim=5, d_model=8, n_layers=2, n_heads=2, d_head=4, d_ffc=12, eta=2, r=3)
+from .cores import KINDS, make_core, model_kind
+
+SIZES = dict(input_dim=5, d_model=8, n_layers=2, n_heads=2, d_head=4, d_ffc=12, eta=2, r=3, nu=2)
 
 
 def roundtrip(obj: object, **load_kw) -> object:
@@ -29,36 +33,35 @@ def roundtrip(obj: object, **load_kw) -> object:
     return torch.load(buf, weights_only=True, **load_kw)
 
 
-def rollout_state(model: AGaLiTe, seed: int = 0) -> tuple[AGaLiTeState, torch.Tensor]:
+def rollout_state(model: RecurrentStack, seed: int = 0) -> tuple[StateOps, torch.Tensor]:
     """A state after some steps, with ticks that need all 64 bits, and the next chunk of inputs."""
     g = torch.Generator().manual_seed(seed)
     state = model.initial_state(3)
-    state = state._replace(tick=torch.tensor([1, 2**62 + 3, -(2**40) - 1]))
+    if model.has_tick:
+        state = state._replace(tick=torch.tensor([1, 2**62 + 3, -(2**40) - 1]))
     with torch.no_grad():
         _, state = model(torch.randn(3, 6, SIZES["input_dim"], generator=g), state)
     return state, torch.randn(3, 4, SIZES["input_dim"], generator=g)
 
 
-def assert_state_equal(a: AGaLiTeState, b: AGaLiTeState, tick_period: int | None = None) -> None:
+def assert_state_equal(a: StateOps, b: StateOps, tick_period: int | None = None) -> None:
     """Bitwise equal; with ``tick_period`` the ticks need only be congruent modulo it (the packed form)."""
-    assert isinstance(b, AGaLiTeState)
-    for name, x, y in zip(AGaLiTeState._fields, a, b):
+    assert type(b) is type(a)
+    for name, x, y in zip(a._fields, a, b):
         if name == "tick" and tick_period is not None:
             assert y.dtype == torch.int64 and torch.equal(torch.remainder(x - y, tick_period), torch.zeros_like(x))
         else:
             assert x.dtype == y.dtype and torch.equal(x, y), name
 
 
-@pytest.fixture
-def model() -> AGaLiTe:
-    torch.manual_seed(0)
-    return AGaLiTe(**SIZES)
+@pytest.fixture(params=KINDS)
+def model(request) -> RecurrentStack:
+    return make_core(request.param, **SIZES)
 
 
 def test_model_state_dict_roundtrip(model):
     loaded = roundtrip(model.state_dict())
-    torch.manual_seed(1)
-    other = AGaLiTe(**SIZES)  # different initial weights
+    other = make_core(model_kind(model), seed=1, **SIZES)  # different initial weights
     other.load_state_dict(loaded)
     state, x = rollout_state(model)
     with torch.no_grad():
@@ -71,16 +74,17 @@ def test_model_state_dict_roundtrip(model):
 @pytest.mark.parametrize("form", ["asdict", "tuple", "packed", "allow_listed"])
 def test_state_roundtrip_and_continuation(model, form):
     state, x = rollout_state(model)
+    cls = model.state_class
     if form == "asdict":
-        restored = AGaLiTeState(**roundtrip(state._asdict()))
+        restored = cls(**roundtrip(state._asdict()))
     elif form == "tuple":
-        restored = AGaLiTeState(*roundtrip(tuple(state)))
+        restored = cls(*roundtrip(tuple(state)))
     elif form == "packed":
         restored = model.unpack_state(roundtrip(model.pack_state(state)))
     else:
-        with torch.serialization.safe_globals([AGaLiTeState]):
+        with torch.serialization.safe_globals([cls]):
             restored = roundtrip(state)
-    period = model.tick_period if form == "packed" else None
+    period = model.tick_period if form == "packed" and model.has_tick else None
     assert_state_equal(state, restored, period)
     if period is not None:
         assert bool(((restored.tick >= 1) & (restored.tick <= period)).all()), restored.tick
@@ -94,7 +98,7 @@ def test_state_roundtrip_and_continuation(model, form):
 def test_plain_namedtuple_is_rejected_by_weights_only_load(model):
     """Documents why the forms above exist: the class is not on torch's allow-list by default."""
     state, _ = rollout_state(model)
-    with pytest.raises(pickle.UnpicklingError, match="AGaLiTeState"):
+    with pytest.raises(pickle.UnpicklingError, match=model.state_class.__name__):
         roundtrip(state)
 
 
@@ -103,7 +107,7 @@ def test_full_training_checkpoint_resumes_identically(model):
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     state, x = rollout_state(model)
 
-    def update(m: AGaLiTe, o: torch.optim.Optimizer, st: AGaLiTeState) -> torch.Tensor:
+    def update(m: RecurrentStack, o: torch.optim.Optimizer, st: StateOps) -> torch.Tensor:
         o.zero_grad()
         y, _ = m(x, st)
         y.square().mean().backward()
@@ -112,12 +116,11 @@ def test_full_training_checkpoint_resumes_identically(model):
 
     update(model, opt, state)  # the optimiser now has moments
     ckpt = roundtrip({"model": model.state_dict(), "optim": opt.state_dict(), "state": state._asdict()})
-    torch.manual_seed(5)
-    model2 = AGaLiTe(**SIZES)
+    model2 = make_core(model_kind(model), seed=5, **SIZES)
     opt2 = torch.optim.Adam(model2.parameters(), lr=1e-3)
     model2.load_state_dict(ckpt["model"])
     opt2.load_state_dict(ckpt["optim"])
-    state2 = AGaLiTeState(**ckpt["state"])
+    state2 = model.state_class(**ckpt["state"])
     y1, y2 = update(model, opt, state), update(model2, opt2, state2)
     assert torch.equal(y1, y2)
     for (name, p1), p2 in zip(model.named_parameters(), model2.parameters()):
@@ -126,13 +129,13 @@ def test_full_training_checkpoint_resumes_identically(model):
 
 @pytest.mark.parametrize("change,expected", [
     (dict(d_model=16), ["size mismatch for layers.0.emb.weight", "size mismatch for layers.1.ffn_out.weight"]),
-    (dict(r=2, eta=3), ["size mismatch for layers.0.attn.in_proj.weight"]),
+    (dict(r=2, eta=3, nu=3), ["size mismatch for layers.0.attn.in_proj.weight"]),
     (dict(n_layers=3), ["Missing key(s) in state_dict", "layers.2.ln1.weight"]),
     (dict(n_layers=1), ["Unexpected key(s) in state_dict", "layers.1.ln1.weight"]),
 ])  # fmt: skip
 def test_loading_into_other_sizes_names_the_mismatches(model, change, expected):
     loaded = roundtrip(model.state_dict())
-    other = AGaLiTe(**(SIZES | change))
+    other = make_core(model_kind(model), **(SIZES | change))
     with pytest.raises(RuntimeError) as info:
         other.load_state_dict(loaded)
     for part in expected:
@@ -141,9 +144,17 @@ def test_loading_into_other_sizes_names_the_mismatches(model, change, expected):
 
 def test_state_of_other_sizes_is_rejected(model):
     state, x = rollout_state(model)
-    other = AGaLiTe(**(SIZES | dict(r=2)))
-    restored = AGaLiTeState(**roundtrip(state._asdict()))
-    with pytest.raises(ValueError, match=r"^state.tilde_k: expected shape"):
+    other = make_core(model_kind(model), **(SIZES | dict(r=2, nu=3)))
+    restored = model.state_class(**roundtrip(state._asdict()))
+    with pytest.raises(ValueError, match=rf"^state.{state._fields[0]}: expected shape"):
         other(x, restored)
     with pytest.raises(ValueError, match=r"^packed: expected shape"):
         other.unpack_state(roundtrip(model.pack_state(state)))
+
+
+def test_one_models_weights_do_not_load_into_the_other():
+    loaded = roundtrip(make_core("agalite", **SIZES).state_dict())
+    with pytest.raises(RuntimeError) as info:
+        make_core("galite", **SIZES).load_state_dict(loaded)
+    for part in ("Missing key(s) in state_dict", "layers.0.attn.q_weight", "size mismatch for layers.0.attn.in_proj"):
+        assert part in str(info.value), f"{part!r} not in {info.value}"

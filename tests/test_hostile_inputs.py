@@ -24,11 +24,13 @@ import numpy as np
 import pytest
 import torch
 
-from agalite_triton import AGaLiTe, AGaLiTeState, agalite_recurrence, kernels
+from agalite_triton import AGaLiTe, AGaLiTeState, GaLiTe, GaLiTeState, agalite_recurrence, galite_recurrence, kernels
 from agalite_triton.convert import export_flax_params, load_flax_params
 
 IN, DM, L, H, D, FF, ETA, R = 5, 8, 2, 2, 4, 8, 2, 3
 E = ETA * D
+NU = 3  # GaLiTe: K = NU * D
+K = NU * D
 B, T = 3, 4
 
 kernel_marks = [pytest.mark.interpret,
@@ -40,10 +42,10 @@ BACKENDS = ["reference", pytest.param("triton", marks=kernel_marks)]
 class Ctx:
     """A model, a valid call (x, dones, state) and valid functional-recurrence arguments."""
 
-    model: AGaLiTe
+    model: AGaLiTe | GaLiTe
     x: torch.Tensor
     dones: torch.Tensor
-    state: AGaLiTeState
+    state: AGaLiTeState | GaLiTeState
     rec: dict[str, torch.Tensor | None] = field(default_factory=dict)
     monkeypatch: pytest.MonkeyPatch | None = None
 
@@ -55,7 +57,8 @@ class Ctx:
         args = dict(self.rec) | kw
         backend = args.pop("backend", "reference")
         final_out = args.pop("final_out", None)
-        return agalite_recurrence(**args, backend=backend, final_out=final_out)
+        recurrence = galite_recurrence if isinstance(self.model, GaLiTe) else agalite_recurrence
+        return recurrence(**args, backend=backend, final_out=final_out)
 
 
 def make_ctx(monkeypatch=None) -> Ctx:
@@ -73,6 +76,22 @@ def make_ctx(monkeypatch=None) -> Ctx:
     rec |= {n: torch.randn(B, T, H, ETA, generator=g) for n in ("p1", "p2", "p3")}
     rec |= dict(dones=dones.clone(), tilde_k=state.tilde_k[0].clone(), tilde_v=state.tilde_v[0].clone(),
                 s=state.s[0].clone(), tick=state.tick.clone())  # fmt: skip
+    return Ctx(model, x, dones, state, rec, monkeypatch)
+
+
+def make_galite_ctx(monkeypatch=None) -> Ctx:
+    torch.manual_seed(0)
+    model = GaLiTe(IN, DM, L, H, D, FF, NU, backend="reference")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, T, IN, generator=g)
+    dones = torch.zeros(B, T, dtype=torch.bool)
+    dones[1, 2] = True
+    init = model.initial_state(B)
+    state = GaLiTeState(torch.randn(init.c.shape, generator=g), torch.rand(init.s.shape, generator=g))
+    names = ["keys", "queries", "values", "beta", "gamma"]
+    rec: dict[str, torch.Tensor | None] = {n: torch.randn(B, T, H, D, generator=g) for n in names}
+    rec |= {n: torch.randn(B, T, H, NU, generator=g) for n in ("p1", "p2", "p3")}
+    rec |= dict(dones=dones.clone(), c=state.c[0].clone(), s=state.s[0].clone())
     return Ctx(model, x, dones, state, rec, monkeypatch)
 
 
@@ -208,9 +227,97 @@ BAD_CALLS: list[BadCall] = [
 ]
 
 
-@pytest.mark.parametrize("name,call,exc,pattern", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
-def test_bad_call_raises_naming_the_argument(name, call, exc, pattern, monkeypatch):
-    ctx = make_ctx(monkeypatch)
+def other_galite(**overrides) -> GaLiTe:
+    sizes = dict(input_dim=IN, d_model=DM, n_layers=L, n_heads=H, d_head=D, d_ffc=FF, nu=NU) | overrides
+    return GaLiTe(**sizes)
+
+
+def _restart(c: Ctx, *memories: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A valid GaLiTe restart tuple's index (row 1 restarts at t = 2 from restart row 0) with ``memories``."""
+    index = torch.full((B, T), -1)
+    index[1, 2] = 0
+    return (index, *memories)
+
+
+# GaLiTe's model and functional entry point: the same checks, its own names (c, s; nu; no tick).
+GALITE_BAD_CALLS: list[BadCall] = [
+    ("x_rank_4", lambda c: c.forward(x=c.x[None]), ValueError, r"^x: expected 3 dimensions"),
+    ("x_last_dim", lambda c: c.forward(x=c.x[..., :-1]), ValueError, r"^x: expected last dimension input_dim=5"),
+    ("x_float64_vs_float32_model", lambda c: c.forward(x=c.x.double()), TypeError, r"^x: expected dtype torch.float32"),
+    ("x_on_meta_device", lambda c: c.forward(x=c.x.to("meta"), state=None, dones=None), ValueError,
+     r"^x: expected a tensor on cpu"),
+    ("dones_int_dtype", lambda c: c.forward(dones=c.dones.long()), TypeError, r"^dones: expected dtype torch.bool"),
+    ("dones_time_major", lambda c: c.forward(dones=c.dones.t()), ValueError, r"^dones: expected shape \(3, 4\)"),
+    ("state_agalite", lambda c: c.forward(state=other_model().initial_state(B)), TypeError,
+     r"^state: expected an GaLiTeState, got AGaLiTeState"),
+    ("state_plain_tuple", lambda c: c.forward(state=tuple(c.state)), TypeError, r"^state: expected an GaLiTeState"),
+    ("state_batch_mismatch", lambda c: c.forward(state=c.state.select(slice(0, 2))), ValueError,
+     r"^state.c: expected shape \(2, 3, 2, 4, 12\)"),
+    ("state_other_nu", lambda c: c.forward(state=other_galite(nu=2).initial_state(B)), ValueError,
+     r"^state.c: expected shape \(2, 3, 2, 4, 12\), got \(2, 3, 2, 4, 8\)"),
+    ("state_other_layers", lambda c: c.forward(state=other_galite(n_layers=1).initial_state(B)), ValueError,
+     r"^state.c: expected shape"),
+    ("state_float64", lambda c: c.forward(state=GaLiTeState(*(t.double() for t in c.state))), TypeError,
+     r"^state.c: expected dtype torch.float32"),
+    ("state_s_on_meta", lambda c: c.forward(state=c.state._replace(s=c.state.s.to("meta"))), ValueError,
+     r"^state.s: expected a tensor on cpu"),
+    ("step_state_batch", lambda c: c.forward(x=c.x[:2, 0], dones=None), ValueError, r"^state.c: expected shape"),
+    ("cat_other_nu", lambda c: GaLiTeState.cat([c.state, other_galite(nu=2).initial_state(1)]), ValueError,
+     r"^states\[1\].c: expected"),
+    ("cat_agalite", lambda c: GaLiTeState.cat([c.state, other_model().initial_state(1)]), TypeError,
+     r"^states\[1\]: expected an GaLiTeState, got AGaLiTeState"),
+    ("unpack_agalite_width", lambda c: c.model.unpack_state(torch.zeros(B, other_model().state_size)), ValueError,
+     r"^packed: expected shape \(B, 240\), got \(3, 177\)"),
+    ("pack_agalite_state", lambda c: c.model.pack_state(other_model().initial_state(B)), TypeError,
+     r"^state: expected an GaLiTeState"),
+    ("pack_plain_tuple", lambda c: c.model.pack_state(tuple(c.state)), TypeError,
+     r"^state: expected an GaLiTeState, got tuple"),
+    ("restart_state_plain_tuple", lambda c: c.model(c.x, c.state, restart=torch.zeros(B, T, dtype=torch.bool),
+                                                    restart_state=tuple(c.state)),  # fmt: skip
+     TypeError, r"^restart_state: expected an GaLiTeState, got tuple"),
+    ("out_other_nu", lambda c: torch.no_grad()(c.model)(c.x, c.state, out=other_galite(nu=2).initial_state(B)),
+     ValueError, r"^out.c: expected shape"),
+    ("restart_state_agalite", lambda c: c.model(c.x, c.state, restart=torch.zeros(B, T, dtype=torch.bool),
+                                                restart_state=other_model().initial_state(0)),  # fmt: skip
+     TypeError, r"^restart_state: expected an GaLiTeState"),
+    ("preset_unknown", lambda c: GaLiTe.from_preset("paper", IN), ValueError, r"^name: expected one of \['galite-tmaze'\]"),
+    ("preset_agalite_override", lambda c: GaLiTe.from_preset("galite-tmaze", IN, eta=2), TypeError, r"eta"),
+    ("ctor_nu_zero", lambda c: other_galite(nu=0), ValueError, r"^nu: expected a positive int, got 0"),
+    ("ctor_nu_bool", lambda c: other_galite(nu=True), ValueError, r"^nu: expected a positive int, got True"),
+    # functional recurrence
+    ("rec_keys_rank", lambda c: c.recurrence(keys=c.rec["keys"][0]), ValueError, r"^keys: expected 4 dimensions"),
+    ("rec_queries_dtype", lambda c: c.recurrence(queries=c.rec["queries"].double()), TypeError,
+     r"^queries: expected dtype torch.float32"),
+    ("rec_p3_nu", lambda c: c.recurrence(p3=c.rec["p3"][..., :1]), ValueError, r"^p3: expected shape \(3, 4, 2, 3\)"),
+    ("rec_beta_meta", lambda c: c.recurrence(beta=c.rec["beta"].to("meta")), ValueError,
+     r"^beta: expected a tensor on cpu"),
+    ("rec_c_nu_mismatch", lambda c: c.recurrence(c=c.rec["c"][..., :8]), ValueError,
+     r"^c: expected shape \(3, 2, 4, 12\), got \(3, 2, 4, 8\)"),
+    ("rec_c_float64", lambda c: c.recurrence(c=c.rec["c"].double()), TypeError, r"^c: expected dtype torch.float32"),
+    ("rec_s_batch", lambda c: c.recurrence(s=c.rec["s"][:2]), ValueError, r"^s: expected shape \(3, 2, 12\)"),
+    ("rec_s_on_meta", lambda c: c.recurrence(s=c.rec["s"].to("meta")), ValueError, r"^s: expected a tensor on cpu"),
+    ("rec_dones_int", lambda c: c.recurrence(dones=c.rec["dones"].int()), TypeError, r"^dones: expected dtype"),
+    ("rec_restart_with_tick", lambda c: c.recurrence(restart=_restart(c, c.rec["c"][:1], c.rec["s"][:1],
+                                                                      torch.ones(1, dtype=torch.int64))),  # fmt: skip
+     TypeError, r"^restart: expected a tuple \(index, c, s\), got a tuple of 4"),
+    ("rec_restart_short", lambda c: c.recurrence(restart=_restart(c, c.rec["c"][:1])), TypeError,
+     r"^restart: expected a tuple \(index, c, s\), got a tuple of 2"),
+    ("rec_restart_s_rows", lambda c: c.recurrence(restart=_restart(c, c.rec["c"][:1], c.rec["s"][:2])), ValueError,
+     r"^restart.s: expected shape \(1, 2, 12\)"),
+    ("rec_restart_index_range", lambda c: c.recurrence(restart=_restart(c, c.rec["c"][:0], c.rec["s"][:0])),
+     ValueError, r"^restart.index: expected -1 \(no restart\) or a restart row in \[0, 0\)"),
+    ("rec_final_out_with_grad", lambda c: c.recurrence(final_out=(torch.empty_like(c.rec["c"]),
+                                                                  torch.empty_like(c.rec["s"]))),  # fmt: skip
+     RuntimeError, r"^final_out: only for inference"),
+    ("rec_final_out_length", lambda c: torch.no_grad()(c.recurrence)(final_out=(torch.empty_like(c.rec["c"]),)),
+     TypeError, r"^final_out: expected a tuple \(c, s\)"),
+    ("rec_triton_backend", lambda c: c.recurrence(backend="triton"), (NotImplementedError, RuntimeError),
+     r"backend='triton'"),
+]
+
+
+def _assert_bad_call_raises(ctx: Ctx, name: str, call, exc, pattern: str) -> None:
+    """The call raises ``exc`` with a message matching ``pattern`` and modifies no state, parameter or argument."""
     before = [t.clone() for t in (*ctx.state, *ctx.model.state_dict().values())]
     before_rec = {k: v.clone() for k, v in ctx.rec.items() if v is not None}
     with pytest.raises(exc) as info:
@@ -221,6 +328,16 @@ def test_bad_call_raises_naming_the_argument(name, call, exc, pattern, monkeypat
         assert torch.equal(a, b), f"{name}: a state or parameter tensor was modified by a failing call"
     for k, v in before_rec.items():
         assert torch.equal(v, ctx.rec[k]), f"{name}: {k} was modified by a failing call"
+
+
+@pytest.mark.parametrize("name,call,exc,pattern", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_bad_call_raises_naming_the_argument(name, call, exc, pattern, monkeypatch):
+    _assert_bad_call_raises(make_ctx(monkeypatch), name, call, exc, pattern)
+
+
+@pytest.mark.parametrize("name,call,exc,pattern", GALITE_BAD_CALLS, ids=[c[0] for c in GALITE_BAD_CALLS])
+def test_galite_bad_call_raises_naming_the_argument(name, call, exc, pattern, monkeypatch):
+    _assert_bad_call_raises(make_galite_ctx(monkeypatch), name, call, exc, pattern)
 
 
 def test_the_table_is_large():
@@ -303,28 +420,35 @@ def _nan_env(t: torch.Tensor, env: int, value: float, batch_dim: int = 0) -> tor
     return t
 
 
+MAKE_CTX = {"agalite": make_ctx, "galite": make_galite_ctx}
+kinds = pytest.mark.parametrize("kind", sorted(MAKE_CTX))
+
+
+@kinds
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("where", ["input", "state"])
-def test_model_nan_stays_in_its_environment(where, value):
-    ctx = make_ctx()
+def test_model_nan_stays_in_its_environment(where, value, kind):
+    ctx = MAKE_CTX[kind]()
     env = 1
     x, state = ctx.x, ctx.state
     if where == "input":
         x = _nan_env(x, env, value)
     else:
-        state = state._replace(tilde_v=_nan_env(state.tilde_v, env, value, batch_dim=1))
+        field = "tilde_v" if kind == "agalite" else "c"  # the memory the read-out's numerator comes from
+        state = state._replace(**{field: _nan_env(getattr(state, field), env, value, batch_dim=1)})
     with torch.no_grad():
         y, new = ctx.model(x, state, ctx.dones)
         y_clean, new_clean = ctx.model(ctx.x, ctx.state, ctx.dones)
     others = [b for b in range(B) if b != env]
     assert not torch.isfinite(y[env]).all()
     assert torch.equal(y[others], y_clean[others])
-    for a, c in zip(new[:3], new_clean[:3]):
+    for name, a, c in zip(new._fields, new.memories(), new_clean.memories()):
         assert torch.equal(a[:, others], c[:, others])
-        assert not torch.isfinite(a[:, env]).all()
+        # GaLiTe's normaliser s never reads c: a NaN in c stays out of it.
+        assert (kind, where, name) == ("galite", "state", "s") or not torch.isfinite(a[:, env]).all(), name
     # A done inside a call multiplies the memory by 0, which keeps NaN (as the original); state.reset clears it.
     cleared = new.reset(torch.arange(B) == env)
-    assert all(torch.equal(t[:, env], torch.zeros_like(t[:, env])) for t in cleared[:3])
+    assert all(torch.equal(t[:, env], torch.zeros_like(t[:, env])) for t in cleared.memories())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -350,11 +474,13 @@ def test_recurrence_nan_stays_in_its_environment(backend):
         assert torch.equal(gr[1], clean_grads[name][1]), name
 
 
-def test_empty_batch():
-    ctx = make_ctx()
+@kinds
+def test_empty_batch(kind):
+    ctx = MAKE_CTX[kind]()
     empty = ctx.model.initial_state(0)
     y, st = ctx.model(torch.zeros(0, T, IN), empty, torch.zeros(0, T, dtype=torch.bool))
-    assert y.shape == (0, T, DM) and st.batch_size == 0 and st.tilde_k.shape == (L, 0, R, H, E)
+    per_env = (R, H, E) if kind == "agalite" else (H, D, K)
+    assert y.shape == (0, T, DM) and st.batch_size == 0 and st[0].shape == (L, 0, *per_env)
     y, st = ctx.model(torch.zeros(0, IN))
     assert y.shape == (0, DM) and st.batch_size == 0
     x = torch.zeros(0, T, IN, requires_grad=True)
@@ -376,16 +502,19 @@ def test_empty_batch_recurrence(backend):
     assert all(gr.shape == v.shape for gr, v in zip(grads, leaves.values()))
 
 
-def test_zero_steps_return_empty_output_and_the_state_unchanged():
-    ctx = make_ctx()
+@kinds
+def test_zero_steps_return_empty_output_and_the_state_unchanged(kind):
+    ctx = MAKE_CTX[kind]()
     y, st = ctx.model(torch.zeros(B, 0, IN), ctx.state, torch.zeros(B, 0, dtype=torch.bool))
     assert y.shape == (B, 0, DM)
     _assert_state_equal(st, ctx.state)
     # A new state, not the one passed in: writing into it cannot corrupt the caller's.
     assert all(a.data_ptr() != b.data_ptr() for a, b in zip(st, ctx.state))
-    time_major = AGaLiTe(IN, DM, L, H, D, FF, ETA, R, batch_first=False)
+    own = (ETA, R) if kind == "agalite" else (NU,)
+    time_major = type(ctx.model)(IN, DM, L, H, D, FF, *own, batch_first=False)
     y, st = time_major(torch.zeros(0, B, IN), time_major.initial_state(B))
-    assert y.shape == (0, B, DM) and torch.equal(st.tick, torch.ones(B, dtype=torch.int64))
+    assert y.shape == (0, B, DM)
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(st, time_major.initial_state(B)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

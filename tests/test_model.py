@@ -1,31 +1,28 @@
-"""Model-level behaviour: equivalences, dones, ticks, layouts, presets, state packing, bad inputs."""
+"""Model-level behaviour: equivalences, dones, ticks, layouts, presets, state packing, bad inputs.
+
+Tests of the call conventions every :class:`~agalite_triton.stack.RecurrentStack` shares run over both
+models (``kind``); those of AGaLiTe's tick and sizes run on AGaLiTe alone (GaLiTe's in test_galite_model).
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from agalite_triton import PRESETS, AGaLiTe, AGaLiTeState
+from agalite_triton import PRESETS, AGaLiTe
+from agalite_triton.stack import RecurrentStack
+
+from .cores import KINDS, assert_states_close, busy_state, fresh_state, make_core
 
 IN = 7
+# Odd sizes: 3 heads of 5, eta = 3 (AGaLiTe) or nu = 3 (GaLiTe).
+SIZES = dict(input_dim=IN, d_model=24, n_layers=2, n_heads=3, d_head=5, d_ffc=20, eta=3, r=4, nu=3)
+
+kinds = pytest.mark.parametrize("kind", KINDS)
 
 
-def small_model(**kw) -> AGaLiTe:
-    torch.manual_seed(0)
-    cfg = dict(input_dim=IN, d_model=24, n_layers=2, n_heads=3, d_head=5, d_ffc=20, eta=3, r=4)
-    return AGaLiTe(**{**cfg, **kw})
-
-
-def busy_state(model: AGaLiTe, B: int, seed: int = 1) -> AGaLiTeState:
-    """A non-zero state with distinct ticks, so that a wrong env, layer or tick shows."""
-    g = torch.Generator().manual_seed(seed)
-    st = model.initial_state(B)
-    return AGaLiTeState(
-        torch.randn(st.tilde_k.shape, generator=g) * 0.3,
-        torch.randn(st.tilde_v.shape, generator=g),
-        torch.rand(st.s.shape, generator=g),
-        torch.tensor([1, 5, 8, 100, 2**40, 7, 3, 11][:B]),
-    )
+def small_model(kind: str = "agalite", **kw) -> RecurrentStack:
+    return make_core(kind, **{**SIZES, **kw})
 
 
 def data(B: int, T: int, seed: int = 0, p_done: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,15 +30,10 @@ def data(B: int, T: int, seed: int = 0, p_done: float = 0.2) -> tuple[torch.Tens
     return torch.randn(B, T, IN, generator=g), torch.rand(B, T, generator=g) < p_done
 
 
-def assert_states_close(a: AGaLiTeState, b: AGaLiTeState, **tol) -> None:
-    for x, y in zip(a.memories(), b.memories()):
-        torch.testing.assert_close(x, y, **tol)
-    assert torch.equal(a.tick, b.tick)
-
-
+@kinds
 @torch.no_grad()
-def test_sequence_equals_one_step_calls() -> None:
-    model = small_model()
+def test_sequence_equals_one_step_calls(kind) -> None:
+    model = small_model(kind)
     B, T = 6, 9
     x, d = data(B, T)
     st0 = busy_state(model, B)
@@ -53,12 +45,14 @@ def test_sequence_equals_one_step_calls() -> None:
         ys.append(yt)
     torch.testing.assert_close(torch.stack(ys, 1), y, rtol=1e-5, atol=1e-5)
     assert_states_close(st, st_steps, rtol=1e-5, atol=1e-5)
-    assert torch.equal(st.tick, st0.tick + T)
+    if model.has_tick:
+        assert torch.equal(st.tick, st0.tick + T)
 
 
+@kinds
 @torch.no_grad()
-def test_batch_equals_environments_one_by_one() -> None:
-    model = small_model()
+def test_batch_equals_environments_one_by_one(kind) -> None:
+    model = small_model(kind)
     B, T = 5, 8
     x, d = data(B, T, seed=3)
     st0 = busy_state(model, B)
@@ -69,9 +63,10 @@ def test_batch_equals_environments_one_by_one() -> None:
         assert_states_close(stb, st.select(b), rtol=1e-5, atol=1e-6)
 
 
+@kinds
 @torch.no_grad()
-def test_dones_reset_exactly_the_marked_environments() -> None:
-    model = small_model()
+def test_dones_reset_exactly_the_marked_environments(kind) -> None:
+    model = small_model(kind)
     B, T, t_done = 4, 10, 6
     x, _ = data(B, T, seed=4)
     d = torch.zeros(B, T, dtype=torch.bool)
@@ -84,15 +79,16 @@ def test_dones_reset_exactly_the_marked_environments() -> None:
     assert torch.equal(y[1, :t_done], y_free[1, :t_done])
     assert not torch.allclose(y[1, t_done:], y_free[1, t_done:])
     # From the done on, env 1 behaves as if it started from zero memory carrying the same tick.
-    fresh = model.initial_state(1)._replace(tick=st0.tick[1:2] + t_done)
+    fresh = fresh_state(model, 1, st0.tick[1:2] + t_done if model.has_tick else None)
     y_fresh, st_fresh = model(x[1:2, t_done:], fresh)
     torch.testing.assert_close(y[1:2, t_done:], y_fresh, rtol=1e-5, atol=1e-6)
     assert_states_close(st.select(1), st_fresh, rtol=1e-5, atol=1e-6)
 
 
+@kinds
 @torch.no_grad()
-def test_every_step_done_ignores_all_history() -> None:
-    model = small_model()
+def test_every_step_done_ignores_all_history(kind) -> None:
+    model = small_model(kind)
     x, _ = data(3, 5, seed=5)
     d = torch.ones(3, 5, dtype=torch.bool)
     y1, _ = model(x, busy_state(model, 3), d)
@@ -100,15 +96,16 @@ def test_every_step_done_ignores_all_history() -> None:
     assert torch.equal(y1, y2)
 
 
+@kinds
 @torch.no_grad()
-def test_float_dones_equal_bool_dones_and_reset_flag_ignores_them() -> None:
-    model = small_model()
+def test_float_dones_equal_bool_dones_and_reset_flag_ignores_them(kind) -> None:
+    model = small_model(kind)
     x, d = data(3, 6, seed=6, p_done=0.4)
     st0 = busy_state(model, 3)
     y_bool, _ = model(x, st0, d)
     y_float, _ = model(x, st0, d.float())
     assert torch.equal(y_bool, y_float)
-    model_no_reset = small_model(reset_on_terminate=False)
+    model_no_reset = small_model(kind, reset_on_terminate=False)
     y_ignored, _ = model_no_reset(x, st0, d)
     y_none, _ = model_no_reset(x, st0, None)
     assert torch.equal(y_ignored, y_none)
@@ -140,10 +137,11 @@ def test_huge_tick_uses_exact_phase() -> None:
     assert torch.equal(st_big.tick, big.tick + 5)
 
 
+@kinds
 @torch.no_grad()
-def test_time_major_equals_batch_first() -> None:
-    bf = small_model()
-    tm = small_model(batch_first=False)
+def test_time_major_equals_batch_first(kind) -> None:
+    bf = small_model(kind)
+    tm = small_model(kind, batch_first=False)
     tm.load_state_dict(bf.state_dict())
     x, d = data(4, 6, seed=8)
     st0 = busy_state(bf, 4)
@@ -156,9 +154,10 @@ def test_time_major_equals_batch_first() -> None:
         tm(x.transpose(0, 1), st0, d)  # batch-first dones on a time-major model
 
 
+@kinds
 @torch.no_grad()
-def test_state_is_not_modified_by_forward() -> None:
-    model = small_model()
+def test_state_is_not_modified_by_forward(kind) -> None:
+    model = small_model(kind)
     st0 = busy_state(model, 3)
     before = st0.clone()
     x, d = data(3, 1)
@@ -167,42 +166,49 @@ def test_state_is_not_modified_by_forward() -> None:
     assert all(torch.equal(a, b) for a, b in zip(st0, before))
 
 
-def test_gradients_reach_initial_state_and_inputs() -> None:
-    model = small_model()
+@kinds
+def test_gradients_reach_initial_state_and_inputs(kind) -> None:
+    model = small_model(kind)
     x, d = data(2, 5, seed=10)
     x.requires_grad_()
     st0 = busy_state(model, 2)
     mems = [m.clone().requires_grad_() for m in st0.memories()]
-    y, st = model(x, AGaLiTeState(*mems, st0.tick), d)
-    (y.square().sum() + st.tilde_k.sum() + st.s.sum() + st.tilde_v.sum()).backward()
+    y, st = model(x, st0._with_memories(mems, st0[-1]), d)
+    (y.square().sum() + sum(m.sum() for m in st.memories())).backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert all(m.grad is not None and m.grad.abs().sum() > 0 for m in mems)
     assert all(p.grad is not None for p in model.parameters())
 
 
 # ------------------------------------------------------------------------------------------- state
-def test_state_helpers() -> None:
-    model = small_model()
+@kinds
+def test_state_helpers(kind) -> None:
+    model = small_model(kind)
     st = busy_state(model, 4)
     mask = torch.tensor([True, False, True, False])
     reset = model.reset_state(st, mask)
-    assert torch.equal(reset.tick, st.tick)
+    assert type(reset) is model.state_class and len(reset) == len(st)
+    if model.has_tick:
+        assert torch.equal(reset.tick, st.tick)
     for t_reset, t in zip(reset.memories(), st.memories()):
         assert torch.all(t_reset[:, mask] == 0)
         assert torch.equal(t_reset[:, ~mask], t[:, ~mask])
     picked = st.select(torch.tensor([2, 0]))
-    assert picked.batch_size == 2 and torch.equal(picked.tilde_k[:, 0], st.tilde_k[:, 2])
-    assert torch.equal(st.select(1).tick, st.tick[1:2])
-    joined = AGaLiTeState.cat([st.select(slice(0, 1)), st.select(slice(1, 4))])
+    assert picked.batch_size == 2 and torch.equal(picked[0][:, 0], st[0][:, 2])
+    assert all(torch.equal(a, b[:, 1:2]) for a, b in zip(st.select(1).memories(), st.memories()))
+    if model.has_tick:
+        assert torch.equal(st.select(1).tick, st.tick[1:2])
+    joined = model.state_class.cat([st.select(slice(0, 1)), st.select(slice(1, 4))])
     assert all(torch.equal(a, b) for a, b in zip(joined, st))
-    st_grad = AGaLiTeState(*(m.clone().requires_grad_() for m in st.memories()), st.tick)
+    st_grad = st._with_memories([m.clone().requires_grad_() for m in st.memories()], st[-1])
     assert not any(t.requires_grad for t in st_grad.detach())
     assert st.nbytes_per_env() == model.state_bytes_per_env
 
 
+@kinds
 @torch.no_grad()
-def test_reset_then_call_equals_done_on_first_step() -> None:
-    model = small_model()
+def test_reset_then_call_equals_done_on_first_step(kind) -> None:
+    model = small_model(kind)
     x, d = data(4, 5, seed=11)
     st0 = busy_state(model, 4)
     mask = torch.tensor([False, True, True, False])
@@ -306,22 +312,27 @@ def test_bad_inputs_raise_naming_the_argument(case: int) -> None:
         call()
 
 
-def test_bad_constructor_arguments() -> None:
+@kinds
+def test_bad_constructor_arguments(kind) -> None:
     with pytest.raises(ValueError, match="d_head"):
-        AGaLiTe(IN, 24, 2, 3, 0, 20, 3, 4)
+        small_model(kind, d_head=0)
     with pytest.raises(ValueError, match="dropout"):
-        AGaLiTe(IN, 24, 2, 3, 5, 20, 3, 4, dropout=1.5)
+        small_model(kind, dropout=1.5)
     with pytest.raises(ValueError, match="backend"):
-        AGaLiTe(IN, 24, 2, 3, 5, 20, 3, 4, backend="cuda")
-    with pytest.raises(ValueError, match="name"):
-        AGaLiTe.from_preset("huge", IN)
+        small_model(kind, backend="cuda")
+    with pytest.raises(ValueError, match="name: expected one of"):
+        type(small_model(kind)).from_preset("huge", IN)
     with pytest.raises(ValueError, match="batch_size"):
-        small_model().initial_state(-1)
+        small_model(kind).initial_state(-1)
+    own = dict(eta=0) if kind == "agalite" else dict(nu=0)
+    with pytest.raises(ValueError, match=f"^{next(iter(own))}: expected a positive int, got 0"):
+        small_model(kind, **own)
 
 
+@kinds
 @torch.no_grad()
-def test_out_state_buffers_and_in_place_stepping() -> None:
-    model = small_model()
+def test_out_state_buffers_and_in_place_stepping(kind) -> None:
+    model = small_model(kind)
     B, T = 4, 5
     x, d = data(B, T, seed=12)
     st0 = busy_state(model, B)
@@ -341,11 +352,12 @@ def test_out_state_buffers_and_in_place_stepping() -> None:
     assert_states_close(st_ip, st_ref, rtol=1e-5, atol=1e-5)
 
 
-def test_out_state_is_rejected_with_autograd_or_wrong_sizes() -> None:
-    model = small_model()
+@kinds
+def test_out_state_is_rejected_with_autograd_or_wrong_sizes(kind) -> None:
+    model = small_model(kind)
     st = model.initial_state(3)
     x = torch.randn(3, IN)
     with pytest.raises(RuntimeError, match="out: only for inference"):
         model(x, st, out=st)
-    with torch.no_grad(), pytest.raises(ValueError, match="out.tilde_k: expected shape"):
+    with torch.no_grad(), pytest.raises(ValueError, match=f"out.{st._fields[0]}: expected shape"):
         model(x, st, out=model.initial_state(2))

@@ -4,7 +4,8 @@ TorchRL's primer and SB3 zero-fill new states, SB3 resets by multiplying by ``1 
 selects with ``torch.where``, buffers index and concatenate rows, ``torch.set_flush_denormal(True)`` flushes
 tiny floats, and TorchRL's GAE replaces NaNs of ``("next", key)`` by the root's. The tick word holds
 ``(tick - 1) mod P``, a small exact integer, so each of these leaves a valid state: zeros are exactly
-``initial_state``, and a surviving row continues bitwise as the original state would.
+``initial_state``, and a surviving row continues bitwise as the original state would. GaLiTe's state has
+no tick: its packed form is its memories alone, and the same holds.
 """
 
 from __future__ import annotations
@@ -12,36 +13,37 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agalite_triton import AGaLiTe, AGaLiTeState
+from agalite_triton.stack import RecurrentStack
+from agalite_triton.state import StateOps
+
+from .cores import KINDS, busy_state, make_core
+
+kinds = pytest.mark.parametrize("kind", KINDS)
 
 
-def model_and_state(dtype=torch.float32) -> tuple[AGaLiTe, AGaLiTeState]:
-    torch.manual_seed(0)
-    model = AGaLiTe(input_dim=3, d_model=8, n_layers=2, n_heads=2, d_head=2, d_ffc=8, eta=2, r=5).to(dtype)
-    g = torch.Generator().manual_seed(1)
-    st = model.initial_state(4)
-    state = AGaLiTeState(
-        *(torch.randn(t.shape, generator=g, dtype=dtype) for t in st.memories()),
-        torch.tensor([1, 2, 2**62 + 3, -11]),  # P = 8: words 0, 1, 2, 4
-    )
+def model_and_state(kind: str = "agalite", dtype=torch.float32) -> tuple[RecurrentStack, StateOps]:
+    model = make_core(kind, input_dim=3, d_model=8, n_layers=2, n_heads=2, d_head=2, d_ffc=8, eta=2, r=5, nu=3)
+    model = model.to(dtype)
+    state = busy_state(model, 4, tick=torch.tensor([1, 2, 2**62 + 3, -11]))  # P = 8: words 0, 1, 2, 4
     return model, state
 
 
-def continues_like(model: AGaLiTe, a: AGaLiTeState, b: AGaLiTeState) -> bool:
+def continues_like(model: RecurrentStack, a: StateOps, b: StateOps) -> bool:
     """Same memories bitwise, and the same outputs and memories after a few steps from either."""
     if not all(torch.equal(x, y) for x, y in zip(a.memories(), b.memories())):
         return False
     x = torch.randn(a.batch_size, 3, model.input_dim, generator=torch.Generator().manual_seed(2),
-                    dtype=a.tilde_k.dtype)  # fmt: skip
+                    dtype=a[0].dtype)  # fmt: skip
     with torch.no_grad():
         ya, sa = model(x, a)
         yb, sb = model(x, b)
     return torch.equal(ya, yb) and all(torch.equal(p, q) for p, q in zip(sa.memories(), sb.memories()))
 
 
+@kinds
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_zeros_unpack_to_initial_state(dtype):
-    model, _ = model_and_state(dtype)
+def test_zeros_unpack_to_initial_state(dtype, kind):
+    model, _ = model_and_state(kind, dtype)
     zero = model.unpack_state(torch.zeros(3, model.state_size, dtype=dtype))
     init = model.initial_state(3)
     assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(zero, init))
@@ -56,8 +58,9 @@ def test_tick_word_is_small_exact_integer():
     assert continues_like(model, state, model.unpack_state(packed))
 
 
-def test_survives_multiplication_by_masks_and_where():
-    model, state = model_and_state()
+@kinds
+def test_survives_multiplication_by_masks_and_where(kind):
+    model, state = model_and_state(kind)
     packed = model.pack_state(state)
     assert torch.equal(model.pack_state(model.unpack_state(packed * 1.0)), packed)
     keep = torch.tensor([1.0, 0.0, 1.0, 0.0])  # SB3: state * (1 - episode_start)
@@ -69,8 +72,9 @@ def test_survives_multiplication_by_masks_and_where():
     assert torch.equal(chosen, packed * keep[:, None])
 
 
-def test_survives_cat_and_indexing():
-    model, state = model_and_state()
+@kinds
+def test_survives_cat_and_indexing(kind):
+    model, state = model_and_state(kind)
     packed = model.pack_state(state)
     joined = torch.cat([packed[2:], packed[[1, 0]]])
     order = torch.tensor([2, 3, 1, 0])
@@ -78,8 +82,9 @@ def test_survives_cat_and_indexing():
     assert continues_like(model, model.unpack_state(joined), state.select(order))
 
 
-def test_survives_denormal_flushing():
-    model, state = model_and_state()
+@kinds
+def test_survives_denormal_flushing(kind):
+    model, state = model_and_state(kind)
     packed = model.pack_state(state)
     previous = torch.is_flush_denormal_enabled() if hasattr(torch, "is_flush_denormal_enabled") else False
     if not torch.set_flush_denormal(True):
@@ -93,9 +98,10 @@ def test_survives_denormal_flushing():
     assert continues_like(model, model.unpack_state(flushed), state)
 
 
-def test_survives_nan_sanitising_of_other_entries():
+@kinds
+def test_survives_nan_sanitising_of_other_entries(kind):
     """GAE's ``torch.where(isnan(next), root, next)`` and ``nan_to_num`` touch only the poisoned entries."""
-    model, state = model_and_state()
+    model, state = model_and_state(kind)
     packed = model.pack_state(state)
     poisoned = packed.clone()
     poisoned[1, 5] = float("nan")

@@ -1,4 +1,5 @@
-"""sb3-contrib 2.9.2: ``RecurrentPPO(AGaLiTePolicy, ...)`` on real gymnasium CartPole (velocities masked).
+"""sb3-contrib 2.9.2: ``RecurrentPPO(AGaLiTePolicy, ...)`` on real gymnasium CartPole (velocities masked),
+with AGaLiTe cores and with GaLiTe cores (``core="galite"``).
 
 * ``learn`` runs and its optimiser updates the cores' parameters (the parent's optimiser would hold the
   throwaway LSTMs' instead: the core would then never train, silently);
@@ -21,11 +22,14 @@ from sb3_contrib import RecurrentPPO  # noqa: E402
 from stable_baselines3.common.callbacks import BaseCallback  # noqa: E402
 from stable_baselines3.common.env_util import make_vec_env  # noqa: E402
 
+from agalite_triton import AGaLiTe, GaLiTe  # noqa: E402
 from agalite_triton.sb3 import AGaLiTePolicy, PackedCore  # noqa: E402
 
+from .cores import KINDS  # noqa: E402
 from .rl_envs import MaskedCartPole  # noqa: E402
 
-SIZES = dict(d_model=16, n_layers=2, n_heads=2, d_head=4, d_ffc=16, eta=2, r=4)
+TINY = dict(d_model=16, n_layers=2, n_heads=2, d_head=4, d_ffc=16)
+SIZES = {"agalite": dict(TINY, eta=2, r=4), "galite": dict(TINY, nu=2)}
 
 
 class _Continue(BaseCallback):
@@ -33,16 +37,21 @@ class _Continue(BaseCallback):
         return True
 
 
-def make_algo(**policy_kwargs) -> RecurrentPPO:
+def make_algo(core: str = "agalite", **policy_kwargs) -> RecurrentPPO:
     env = make_vec_env("CartPole-v1", n_envs=16, seed=0, wrapper_class=MaskedCartPole)
+    # The default core is AGaLiTe: its policies are built as before core= existed.
+    chosen = {} if core == "agalite" else dict(core=core)
     return RecurrentPPO(AGaLiTePolicy, env, n_steps=24, batch_size=96, n_epochs=2, seed=0,
-                        policy_kwargs=dict(agalite_kwargs=SIZES, **policy_kwargs))  # fmt: skip
+                        policy_kwargs=dict(agalite_kwargs=SIZES[core], **chosen, **policy_kwargs))  # fmt: skip
 
 
-def test_learn_trains_the_cores_and_the_replay_matches_the_rollout(one_thread):
-    algo = make_algo()
+@pytest.mark.parametrize("core", KINDS)
+def test_learn_trains_the_cores_and_the_replay_matches_the_rollout(core, one_thread):
+    algo = make_algo(core)
     policy = algo.policy
     assert isinstance(policy.lstm_actor, PackedCore) and isinstance(policy.lstm_critic, PackedCore)
+    model_class = AGaLiTe if core == "agalite" else GaLiTe
+    assert type(policy.lstm_actor.model) is model_class and type(policy.lstm_critic.model) is model_class
     size = policy.lstm_actor.model.state_size
     assert algo.rollout_buffer.hidden_state_shape == (24, 1, 16, (size + 1) // 2)
     held = {id(p) for group in policy.optimizer.param_groups for p in group["params"]}
@@ -98,3 +107,12 @@ def test_predict_and_shared_core_and_bad_kwargs():
     assert preset.mlp_extractor.policy_net[0].in_features == 256
     with pytest.raises(ValueError, match="agalite_kwargs: preset expected one of"):
         AGaLiTePolicy(space, algo.action_space, lambda _: 1e-3, agalite_kwargs=dict(preset="huge"))
+    # core="galite": GaLiTe's presets (its default galite-tmaze), not AGaLiTe's.
+    galite = AGaLiTePolicy(space, algo.action_space, lambda _: 1e-3, core="galite",
+                           agalite_kwargs=dict(preset="galite-tmaze", n_layers=1))  # fmt: skip
+    assert type(galite.lstm_actor.model) is GaLiTe and galite.lstm_actor.model.nu == 2
+    assert galite.lstm_actor.hidden_size == (galite.lstm_actor.model.state_size + 1) // 2
+    with pytest.raises(ValueError, match=r"agalite_kwargs: preset expected one of \['galite-tmaze'\] \(core='galite'\)"):
+        AGaLiTePolicy(space, algo.action_space, lambda _: 1e-3, core="galite", agalite_kwargs=dict(preset="paper"))
+    with pytest.raises(ValueError, match=r"^core: expected one of \['agalite', 'galite'\], got 'lstm'"):
+        AGaLiTePolicy(space, algo.action_space, lambda _: 1e-3, core="lstm")

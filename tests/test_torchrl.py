@@ -27,9 +27,11 @@ from torchrl.modules import ProbabilisticActor, set_recurrent_mode  # noqa: E402
 from torchrl.objectives import ClipPPOLoss  # noqa: E402
 from torchrl.objectives.value import GAE  # noqa: E402
 
-from agalite_triton import AGaLiTe, AGaLiTeState  # noqa: E402
+from agalite_triton import AGaLiTe, GaLiTe  # noqa: E402
+from agalite_triton.stack import RecurrentStack  # noqa: E402
 from agalite_triton.torchrl import AGaLiTeModule  # noqa: E402
 
+from .cores import KINDS, make_core  # noqa: E402
 from .rl_envs import MaskedCartPole  # noqa: E402
 
 NUM_ENVS, STEPS = 16, 16  # 16 rows keep every matmul on MKL's full-width path (see the README's RL section)
@@ -42,7 +44,7 @@ def make_env():
     return GymWrapper(MaskedCartPole(gym.make("CartPole-v1")))
 
 
-def build(core: AGaLiTe):
+def build(core: RecurrentStack):
     env = TransformedEnv(SerialEnv(NUM_ENVS, make_env), InitTracker())
     module = AGaLiTeModule(core, "observation", "features")
     env.append_transform(module.make_tensordict_primer())
@@ -69,18 +71,19 @@ def close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     torch.testing.assert_close(actual, expected, rtol=TOL, atol=TOL, msg=lambda m: f"{what}: {m}")
 
 
+TINY = dict(input_dim=2, d_model=16, n_layers=2, n_heads=2, d_head=4, d_ffc=16)
 CORES = {
-    "r2": dict(d_model=16, n_layers=2, n_heads=2, d_head=4, d_ffc=16, eta=2, r=2),
-    "r5": dict(d_model=16, n_layers=2, n_heads=2, d_head=4, d_ffc=16, eta=3, r=5),
-    "paper": None,
+    "r2": lambda: AGaLiTe(**TINY, eta=2, r=2),
+    "r5": lambda: AGaLiTe(**TINY, eta=3, r=5),
+    "paper": lambda: AGaLiTe.from_preset("paper", input_dim=2),
+    "galite": lambda: GaLiTe(**TINY, nu=3),
 }
 
 
 @pytest.mark.parametrize("name", sorted(CORES))
 def test_collector_gae_and_ppo_replay_what_the_collector_computed(name, one_thread):
     torch.manual_seed(0)
-    sizes = CORES[name]
-    core = AGaLiTe.from_preset("paper", input_dim=2) if sizes is None else AGaLiTe(input_dim=2, **sizes)
+    core = CORES[name]()
     env, module, actor, critic, policy, actor_head, value_head = build(core)
     collector = Collector(env, policy, frames_per_batch=NUM_ENVS * STEPS, total_frames=NUM_ENVS * STEPS)
     data = next(iter(collector))
@@ -132,9 +135,9 @@ def test_collector_gae_and_ppo_replay_what_the_collector_computed(name, one_thre
     assert all(p.grad is not None and float(p.grad.abs().max()) > 0 for p in core.layers[0].attn.in_proj.parameters())
 
 
-def test_module_modes_primer_and_errors():
-    torch.manual_seed(0)
-    core = AGaLiTe(input_dim=3, d_model=8, n_layers=1, n_heads=2, d_head=2, d_ffc=8, eta=2, r=3)
+@pytest.mark.parametrize("kind", KINDS)
+def test_module_modes_primer_and_errors(kind):
+    core = make_core(kind, input_dim=3, d_model=8, n_layers=1, n_heads=2, d_head=2, d_ffc=8, eta=2, r=3, nu=2)
     module = AGaLiTeModule(core, "obs", "feat", state_key="mem")
     assert module.in_keys == ["obs", "mem", "is_init"] and module.out_keys == ["feat", ("next", "mem")]
     primer = module.make_tensordict_primer()
@@ -153,7 +156,7 @@ def test_module_modes_primer_and_errors():
         td = TensorDict(obs=obs, mem=stored, is_init=torch.tensor([[True], [False], [True], [False]]), batch_size=[4])
         module(td)
         fresh = core.initial_state(1)
-        mixed = AGaLiTeState.cat([fresh, stepped.select(1), fresh, stepped.select(3)])
+        mixed = core.state_class.cat([fresh, stepped.select(1), fresh, stepped.select(3)])
         y_want, s_want = core(obs, mixed)
     assert torch.equal(td["feat"], y_want) and torch.equal(td["next", "mem"], core.pack_state(s_want))
     # A missing state is the initial state; a missing is_init is an error naming InitTracker.
@@ -167,3 +170,5 @@ def test_module_modes_primer_and_errors():
     td2 = TensorDict(obs=obs.expand(2, 4, 3), is_init=torch.zeros(2, 4, 1, dtype=torch.bool), batch_size=[2, 4])
     with pytest.raises(RuntimeError, match=r"deactivate_vmap=True"):
         torch.vmap(module, (0,))(td2)
+    with pytest.raises(TypeError, match=r"^model: expected an agalite_triton.AGaLiTe or GaLiTe, got LSTM"):
+        AGaLiTeModule(torch.nn.LSTM(3, 8), "obs", "feat")
