@@ -108,12 +108,19 @@ def _cpu_flags() -> str:
 
 class CppLibrary:
     """One C++ source, built at first use (or found built) and loaded; ``functions`` are its entry points,
-    each taking one pointer to ``args`` (a ctypes.Structure); ``abi_function`` returns ``abi_version``."""
+    each taking one pointer to ``args`` (a ctypes.Structure); ``abi_function`` returns ``abi_version``.
+    ``headers``: the local headers it includes (part of the build key, so that editing one rebuilds)."""
 
     def __init__(
-        self, source: Path, abi_function: str, abi_version: int, functions: tuple[str, ...], args: type
+        self,
+        source: Path,
+        abi_function: str,
+        abi_version: int,
+        functions: tuple[str, ...],
+        args: type,
+        headers: tuple[Path, ...] = (),
     ) -> None:
-        self.source, self.abi_function, self.abi_version = source, abi_function, abi_version
+        self.source, self.abi_function, self.abi_version, self.headers = source, abi_function, abi_version, headers
         self.functions, self.args = functions, args
         self._lock = threading.Lock()
         self._lib: ctypes.CDLL | None = None
@@ -145,7 +152,7 @@ class CppLibrary:
                 return self._lib
             started = time.perf_counter()
             errors = []
-            source = self.source.read_bytes()
+            source = b"".join(path.read_bytes() for path in (self.source, *self.headers))
             for compiler in _compilers():
                 for flags in FLAG_SETS:
                     key = hashlib.sha256(b"\0".join(

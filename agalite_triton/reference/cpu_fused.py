@@ -41,6 +41,7 @@ __all__ = [
 ]
 
 SOURCE = Path(__file__).with_name("cpu_fused.cpp")
+HEADER = Path(__file__).with_name("cpu_fused_common.h")  # what it shares with galite_cpu_fused.cpp
 ABI_VERSION = 4
 # The backward recomputes a chunk of steps into a buffer of this size per thread (it should stay in L2).
 BACKWARD_BUFFER_BYTES = 512 * 1024
@@ -94,6 +95,7 @@ class _Args(ctypes.Structure):
 _library = CppLibrary(
     SOURCE, "agalite_abi_version", ABI_VERSION,
     ("agalite_forward_f32", "agalite_forward_f64", "agalite_backward_f32", "agalite_backward_f64"), _Args,
+    headers=(HEADER,),
 )  # fmt: skip
 build_info = _library.build_info
 fresh_build_seconds = _library.fresh_build_seconds
