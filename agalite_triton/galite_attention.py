@@ -80,9 +80,11 @@ class GaLiTeAttention(nn.Module):
         z = self.in_proj(x)
         keys, q_pre, values, beta, gamma = z[..., : self.n_dims].unflatten(-1, (H, 5, D)).unbind(-2)
         p1, p3 = z[..., self.n_dims :].unflatten(-1, (H, 2, nu)).unbind(-2)
-        # (B, T, H, D) x (H, D, D + nu): a batched matmul per head, heads as the batch. Under autocast the
-        # matmul gives the autocast dtype; the float32 bias must not promote the queries past the other projections.
-        qz = torch.matmul(q_pre.unsqueeze(-2), self.q_weight).squeeze(-2)
+        # (B, T, H, D) x (H, D, D + nu): one matmul per head over all B T rows. A broadcast matmul of
+        # (B, T, H, 1, D) rows would first expand the weight to B T H copies (69 MB per layer at B = 1024).
+        # Under autocast the matmul gives the autocast dtype; the float32 bias must not promote the queries
+        # past the other projections.
+        qz = torch.einsum("bthd,hde->bthe", q_pre, self.q_weight)
         qz = qz + self.q_bias.to(qz.dtype)
         queries, p2 = qz.split([D, nu], dim=-1)
         out, new_memory = galite_recurrence(

@@ -116,7 +116,7 @@ def ratio_lines(doc: dict[str, Any]) -> list[str]:
             batches = sorted(table[ref_label])
             parts = []
             for label, rows in table.items():
-                if label.startswith("AGaLiTe"):
+                if label.startswith("AGaLiTe") or label.endswith(", eager]"):
                     continue
                 ratios = [fmt_ratio(rows[b]["ratio"]) if b in rows else "-" for b in batches]
                 parts.append(f"{label} {' / '.join(ratios)}")
@@ -126,11 +126,13 @@ def ratio_lines(doc: dict[str, Any]) -> list[str]:
                     f"{ref_label} {what} ({dtype}) as a multiple of each baseline's, at B = "
                     f"{' / '.join(map(str, batches))}{seq}: " + "; ".join(parts) + "."
                 )
-            eager = table.get(f"{ref_label[:-1]}, eager]") if ref_label.endswith("]") else None
-            if eager:
-                ratios = [fmt_ratio(eager[b]["ratio"]) if b in eager else "-" for b in batches]
+            for label, rows in table.items():
+                eager = table.get(f"{label[:-1]}, eager]") if label.endswith("]") else None
+                if not eager:
+                    continue
+                ratios = [_over(rows.get(b), eager.get(b)) for b in batches]
                 lines.append(
-                    f"{ref_label} {what} ({dtype}), fused CPU recurrence over the eager reference, at B = "
+                    f"{label} {what} ({dtype}), fused CPU recurrence over the eager reference, at B = "
                     f"{' / '.join(map(str, batches))}{seq}: {' / '.join(ratios)}."
                 )
     state = [
@@ -158,6 +160,12 @@ def fused_line(doc: dict[str, Any]) -> str | None:
         f"{info['seconds']:.2f} s in this run"
         + (f"; a fresh build takes {fresh:.1f} s, once per machine" if fresh is not None else "")
     )
+    galite = info.get("galite") or {}
+    if galite.get("state") == "ready":
+        how = "loaded from its cache" if galite.get("cached") else "built"
+        built += f"; GaLiTe's `agalite_triton/reference/galite_cpu_fused.cpp` {how} in {galite['seconds']:.2f} s"
+    elif galite:
+        built += f"; GaLiTe's is unavailable ({galite.get('reason')}), so GaLiTe `[reference]` ran eager"
     if not info.get("enabled", True):
         return f"AGALITE_CPU_FUSED=0 was set, so `[reference]` ran the eager reference (fused CPU recurrence: {built})."
     if not passed:
@@ -173,6 +181,13 @@ def _load(device: dict[str, Any]) -> str:
     if not load:
         return "unknown"
     return f"{load['start'][0]:.2f} at the start, {load['end'][0]:.2f} at the end (1 min)"
+
+
+def _over(fused: dict[str, Any] | None, eager: dict[str, Any] | None) -> str:
+    """Fused throughput as a multiple of eager's at one batch size."""
+    if not fused or not eager:
+        return "-"
+    return f"{fused['throughput'] / eager['throughput']:.3g}x"
 
 
 def fmt_ratio(ratio: float | None) -> str:

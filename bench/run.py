@@ -15,16 +15,16 @@ from typing import Any
 
 import torch
 
-from agalite_triton import AGaLiTe, agalite_recurrence
+from agalite_triton import AGaLiTe, GaLiTe, agalite_recurrence
 from agalite_triton.backend import triton_available
-from agalite_triton.reference import cpu_fused
+from agalite_triton.reference import cpu_fused, galite_cpu_fused
 
 from . import gate
 from .environment import describe_device, load_average, versions
 from .memory import CPU_METHOD, CUDA_METHOD, peak_bytes
 from .recurrence import RecurrenceShape, recurrence_shapes, recurrence_step
 from .sweep import Sweep
-from .systems import REFERENCE_SYSTEM, SystemSpec, agalite_specs, build, gtrxl_specs, lstm_specs
+from .systems import REFERENCE_SYSTEM, SystemSpec, agalite_specs, build, galite_specs, gtrxl_specs, lstm_specs
 from .timing import Timing, describe_method, measure, sample, summarise
 from .workloads import inference_step, training_step
 
@@ -114,16 +114,17 @@ def _side_by_side(device: torch.device, backends: list[str]) -> bool:
 def plan(sweep: Sweep, device: torch.device, backends: list[str]) -> list[Case]:
     """Every case of ``sweep`` for the backends that passed the gate, in running order.
 
-    On CPU, AGaLiTe and the recurrence at the paper's size also run on the eager reference
+    On CPU, AGaLiTe and the recurrence at the paper's size, and GaLiTe, also run on the eager reference
     (``[reference, eager]``, the fused CPU recurrence off) right after the default ``[reference]``."""
     presets, memories, T = list(sweep.presets), list(sweep.gtrxl_memories), sweep.seq_len
     side_by_side = _side_by_side(device, backends)
     eager = ("paper",) if side_by_side else ()
+    galite_eager = side_by_side and galite_cpu_fused.build_info()["state"] == "ready"
+    models = [*agalite_specs(presets, backends, eager), *galite_specs(backends, galite_eager)]
     workloads = {
-        "inference": ([*agalite_specs(presets, backends, eager), *gtrxl_specs(memories, ["recompute", "kv_cache"]),
-                       *lstm_specs()], sweep.inference_batches, 1),
-        "training": ([*agalite_specs(presets, backends, eager), *gtrxl_specs(memories, [None]), *lstm_specs()],
-                     sweep.training_batches, T),
+        "inference": ([*models, *gtrxl_specs(memories, ["recompute", "kv_cache"]), *lstm_specs()],
+                      sweep.inference_batches, 1),
+        "training": ([*models, *gtrxl_specs(memories, [None]), *lstm_specs()], sweep.training_batches, T),
     }  # fmt: skip
     cases: list[Case] = []
     for workload, (specs, batches, steps) in workloads.items():
@@ -260,19 +261,37 @@ def add_ratios(records: list[dict[str, Any]], best_backend: str) -> None:
 
 def _fused_info(device: torch.device) -> dict[str, Any] | None:
     """The fused CPU recurrence in this run: how it was built or loaded, and how long a fresh build takes
-    (the first-call cost of a process on a machine without the cached library). None off CPU."""
+    (the first-call cost of a process on a machine without the cached library); how GaLiTe's was built or
+    loaded under ``galite``. None off CPU."""
     if device.type != "cpu":
         return None
-    info = cpu_fused.build_info()
     keep = ("state", "seconds", "cached", "compiler", "flags", "reason", "path")
+    info, galite = cpu_fused.build_info(), galite_cpu_fused.build_info()
     out = {k: info[k] for k in keep if k in info}
+    # One fresh build timed (AGaLiTe's): GaLiTe's comes from the same compiler and flags.
     out.update(enabled=cpu_fused.enabled(), fresh_build_s=cpu_fused.fresh_build_seconds())
+    out["galite"] = {k: galite[k] for k in keep if k in galite}
     return out
+
+
+def _fused_against_eager(model: AGaLiTe | GaLiTe) -> float:
+    """Worst error of ``model`` stepped in place (the rollout path) over steps with dones, fused against eager."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 9, 6, generator=gen)
+    dones = torch.rand(3, 9, generator=gen) < 0.2
+    runs = []
+    for on in (True, False):
+        with torch.inference_mode(), cpu_fused.forced(on):
+            state, ys = model.initial_state(3), []
+            for t in range(9):
+                ys.append(model(x[:, t], state, dones[:, t], out=state)[0])
+            runs.append([*ys, *state.memories()])
+    return gate._worst(runs[0], runs[1])
 
 
 def _gate_fused(device: torch.device) -> list[gate.GateResult]:
     """The default CPU path (fused) against the eager reference: the recurrence forward and backward, and
-    a small model stepped in place (the rollout path) over steps with dones."""
+    small AGaLiTe and GaLiTe models stepped in place (the rollout path) over steps with dones."""
 
     def fused_recurrence(*args: Any) -> Any:
         with cpu_fused.forced(True):
@@ -281,22 +300,13 @@ def _gate_fused(device: torch.device) -> list[gate.GateResult]:
     with cpu_fused.forced(False):
         checks = [gate.gate_recurrence("reference", device, impl=fused_recurrence)]
 
-    def compare_model() -> float:
-        torch.manual_seed(7)
-        model = AGaLiTe(input_dim=6, d_model=32, n_layers=2, n_heads=2, d_head=8, d_ffc=24, eta=3, r=3)
-        gen = torch.Generator().manual_seed(11)
-        x = torch.randn(3, 9, 6, generator=gen)
-        dones = torch.rand(3, 9, generator=gen) < 0.2
-        runs = []
-        for on in (True, False):
-            with torch.inference_mode(), cpu_fused.forced(on):
-                state, ys = model.initial_state(3), []
-                for t in range(9):
-                    ys.append(model(x[:, t], state, dones[:, t], out=state)[0])
-                runs.append([*ys, *state.memories()])
-        return gate._worst(runs[0], runs[1])
-
-    checks.append(gate._judge("model", "reference", gate.AGALITE_TOL, compare_model))
+    torch.manual_seed(7)
+    model = AGaLiTe(input_dim=6, d_model=32, n_layers=2, n_heads=2, d_head=8, d_ffc=24, eta=3, r=3)
+    checks.append(gate._judge("model", "reference", gate.AGALITE_TOL, functools.partial(_fused_against_eager, model)))
+    if galite_cpu_fused.build_info()["state"] == "ready":
+        checks.append(gate._judge("galite-model", "reference", gate.AGALITE_TOL, functools.partial(
+            _fused_against_eager, GaLiTe(input_dim=6, d_model=32, n_layers=2, n_heads=2, d_head=7, d_ffc=24, nu=3)
+        )))  # fmt: skip
     return [
         gate.GateResult(c.check, "reference (fused CPU)", c.passed, c.max_error, c.tolerance,
                         c.detail.replace("the reference", "the eager reference"))

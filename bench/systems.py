@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from agalite_triton import PRESETS, AGaLiTe
+from agalite_triton import GALITE_PRESETS, PRESETS, AGaLiTe, GaLiTe, GaLiTeState
 
 from .baselines import GTrXL, GTrXLState, LSTMState, ResetLSTM
 
@@ -17,6 +17,7 @@ __all__ = [
     "SystemSpec",
     "agalite_specs",
     "build",
+    "galite_specs",
     "gtrxl_specs",
     "lstm_specs",
     "training_state",
@@ -33,13 +34,13 @@ GTRXL_SIZE = dict(d_model=128, n_layers=4, n_heads=4, d_head=64, d_ff=128)
 class SystemSpec:
     """One recurrent core in one configuration (and, for AGaLiTe, one backend; for GTrXL, one mode)."""
 
-    name: str  # e.g. "AGaLiTe-paper", "GTrXL-128", "LSTM-128x2"
-    family: str  # "agalite" | "gtrxl" | "lstm"
+    name: str  # e.g. "AGaLiTe-paper", "GaLiTe-tmaze", "GTrXL-128", "LSTM-128x2"
+    family: str  # "agalite" | "galite" | "gtrxl" | "lstm"
     config: dict[str, Any] = field(hash=False)
-    # GTrXL inference mode: "recompute" | "kv_cache"; AGaLiTe: "eager" for the reference with the fused
-    # CPU recurrence switched off (AGALITE_CPU_FUSED=0), None for the default path.
+    # GTrXL inference mode: "recompute" | "kv_cache"; AGaLiTe and GaLiTe: "eager" for the reference with
+    # the fused CPU recurrence switched off (AGALITE_CPU_FUSED=0), None for the default path.
     mode: str | None = None
-    backend: str | None = None  # AGaLiTe backend: "reference" | "triton"
+    backend: str | None = None  # AGaLiTe / GaLiTe backend: "reference" | "triton"
 
     @property
     def label(self) -> str:
@@ -60,6 +61,18 @@ def agalite_specs(presets: list[str], backends: list[str], eager: tuple[str, ...
             specs.append(SystemSpec(f"AGaLiTe-{p}", "agalite", dict(PRESETS[p]), backend=b))
             if b == "reference" and p in eager:
                 specs.append(SystemSpec(f"AGaLiTe-{p}", "agalite", dict(PRESETS[p]), mode="eager", backend=b))
+    return specs
+
+
+def galite_specs(backends: list[str], eager: bool = False) -> list[SystemSpec]:
+    """``GaLiTe-tmaze`` (the AGaLiTe paper's T-Maze size with nu = 2) on each backend; with ``eager``, also
+    on the reference with the fused CPU recurrence off, right after the default."""
+    config = dict(GALITE_PRESETS["galite-tmaze"])
+    specs = []
+    for b in backends:
+        specs.append(SystemSpec("GaLiTe-tmaze", "galite", config, backend=b))
+        if b == "reference" and eager:
+            specs.append(SystemSpec("GaLiTe-tmaze", "galite", config, mode="eager", backend=b))
     return specs
 
 
@@ -84,12 +97,14 @@ def build(spec: SystemSpec, input_dim: int, device: torch.device, seed: int = 0)
     torch.manual_seed(seed)
     if spec.family == "agalite":
         module: nn.Module = AGaLiTe(input_dim, **spec.config, backend=spec.backend)
+    elif spec.family == "galite":
+        module = GaLiTe(input_dim, **spec.config, backend=spec.backend)
     elif spec.family == "gtrxl":
         module = GTrXL(input_dim, **spec.config, mode=spec.mode or "recompute")
     elif spec.family == "lstm":
         module = ResetLSTM(input_dim, **spec.config)
     else:
-        raise ValueError(f"spec.family: expected 'agalite', 'gtrxl' or 'lstm', got {spec.family!r}")
+        raise ValueError(f"spec.family: expected 'agalite', 'galite', 'gtrxl' or 'lstm', got {spec.family!r}")
     return module.to(device)
 
 
@@ -97,7 +112,8 @@ def training_state(module: nn.Module, batch: int, device: torch.device, seed: in
     """A stored, non-trivial initial state for a training segment, as a replay buffer would hold.
 
     GTrXL starts from a full hidden-state memory (every slot visible), so its attention does all of
-    its work; AGaLiTe's memories hold non-negative keys / normalisers as a real rollout leaves them.
+    its work; AGaLiTe's and GaLiTe's memories hold non-negative keys / normalisers as a real rollout
+    leaves them.
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
@@ -113,10 +129,13 @@ def training_state(module: nn.Module, batch: int, device: torch.device, seed: in
             rand(tuple(s.s.shape), False),
             torch.randint(1, 10**6, (batch,), generator=gen).to(device),
         )
+    if isinstance(module, GaLiTe):
+        s = module.initial_state(batch, device)
+        return GaLiTeState(rand(tuple(s.c.shape), True), rand(tuple(s.s.shape), False))
     if isinstance(module, GTrXL):
         s = module.memory_state(batch, device)
         return GTrXLState(rand(tuple(s.memory.shape), True), torch.full_like(s.since_done, module.memory_len))
     if isinstance(module, ResetLSTM):
         s = module.initial_state(batch, device)
         return LSTMState(0.1 * rand(tuple(s.h.shape), True), 0.1 * rand(tuple(s.c.shape), True))
-    raise TypeError(f"module: expected AGaLiTe, GTrXL or ResetLSTM, got {type(module).__name__}")
+    raise TypeError(f"module: expected AGaLiTe, GaLiTe, GTrXL or ResetLSTM, got {type(module).__name__}")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from agalite_triton import AGaLiTe
+from agalite_triton import AGaLiTe, GaLiTe
 
 from .systems import training_state
 
@@ -54,9 +54,9 @@ def inference_step(
     with torch.inference_mode():
         holder = [module.initial_state(batch, device)]
     counter = [0]
-    # AGaLiTe steps its state in place (``out=state``), as GTrXL's kv_cache does: a rollout loop that
-    # allocates no state per step. The recompute GTrXL and the LSTM return new states, as they are written.
-    in_place = isinstance(module, AGaLiTe)
+    # AGaLiTe and GaLiTe step their state in place (``out=state``), as GTrXL's kv_cache does: a rollout
+    # loop that allocates no state per step. The recompute GTrXL and the LSTM return new states.
+    in_place = isinstance(module, (AGaLiTe, GaLiTe))
 
     def step() -> None:
         i = counter[0] % POOL

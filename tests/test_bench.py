@@ -47,7 +47,7 @@ def tiny_run(tmp_path_factory):
     try:
         doc = main([
             "--batch", "2", "--seq-len", "3", "--memory", "3", "--budget", "0.002", "--presets", "paper",
-            "--systems", "AGaLiTe-paper,GTrXL,LSTM-128,recurrence-paper", "--device", "cpu", "--threads", "1",
+            "--systems", "AGaLiTe-paper,GaLiTe-tmaze,GTrXL,LSTM-128,recurrence-paper", "--device", "cpu", "--threads", "1",
             "--out", str(out), "--no-progress", "--readme", str(readme), "--note", "test run",
         ])  # fmt: skip
     finally:
@@ -91,6 +91,10 @@ def test_run_measures_every_case(tiny_run):
     labels = {(r["workload"], r["label"]) for r in results}
     assert ("inference", "GTrXL-3 [recompute]") in labels and ("inference", "GTrXL-3 [kv_cache]") in labels
     assert ("training", "GTrXL-3") in labels and ("inference", "LSTM-128x2") in labels
+    fused_on = doc["cpu_fused"]["galite"]["state"] == "ready"
+    for workload in ("inference", "training"):
+        assert (workload, "GaLiTe-tmaze [reference]") in labels
+        assert ((workload, "GaLiTe-tmaze [reference, eager]") in labels) == fused_on
     for r in results:
         assert r["status"] == "ok", r
         assert 0 < r["p20_s"] <= r["median_s"] <= r["p80_s"]
@@ -103,6 +107,7 @@ def test_run_measures_every_case(tiny_run):
     state = {s["label"]: s["state_bytes_per_env"] for s in doc["systems"]}
     assert state["GTrXL-3 [recompute]"] == 4 * 4 * 3 * 128 + 8  # L * M * d float32 + the counter
     assert state["AGaLiTe-paper [reference]"] == 4 * 4 * (2 * 4 * 256 + 2 * 4 * 64 + 4 * 256) + 8
+    assert state["GaLiTe-tmaze [reference]"] == 4 * 4 * 4 * (64 * 128 + 128)  # L H (D K + K) float32, no tick
     png = out / doc["plot"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -140,6 +145,9 @@ def test_readme_block_is_rewritten_and_nothing_else(tiny_run):
     assert "Note: test run" in block and "| AGaLiTe-paper [reference] |" in block
     assert f"![throughput against batch size]({doc['plot']})" in block
     assert "GTrXL-3 [kv_cache]" in block and "as a multiple of each baseline's" in block
+    assert "| GaLiTe-tmaze [reference] |" in block
+    if doc["cpu_fused"]["galite"]["state"] == "ready":
+        assert "GaLiTe-tmaze [reference] rollout steps/s (float32), fused CPU recurrence over the eager" in block
     # python -m bench.readme <json> renders the same block from the stored file.
     other = out / "OTHER.md"  # beside the first, so that the relative links are the same
     other.write_text("x\n<!-- bench:start -->\n<!-- bench:end -->\ny\n")
@@ -199,7 +207,8 @@ def test_eager_rows_only_beside_the_fused_path():
         return {c.system["label"] for c in bench_run.plan(sweep, cpu, ["reference"]) if c.system["mode"] == "eager"}
 
     with cpu_fused.forced(True):
-        assert eager_labels() == {"AGaLiTe-paper [reference, eager]", "recurrence-paper [reference, eager]"}
+        assert eager_labels() == {"AGaLiTe-paper [reference, eager]", "recurrence-paper [reference, eager]",
+                                  "GaLiTe-tmaze [reference, eager]"}  # fmt: skip
     with cpu_fused.forced(False):
         assert eager_labels() == set()
 

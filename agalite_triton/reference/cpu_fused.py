@@ -12,7 +12,8 @@ in every later process; it has no shape specialisation (nothing is recompiled pe
 or tick; Inductor recompiles per batch size unless dynamic, and its dynamic code was slower than eager
 here); and its OpenMP runtime is the one torch already loaded (same soname), so its threads are torch's.
 
-Switches: ``AGALITE_CPU_FUSED=0`` (read at every call) turns it off; ``AGALITE_CPU_CACHE`` sets the
+Switches (``cpp_library``, shared with GaLiTe's ``galite_cpu_fused``): ``AGALITE_CPU_FUSED=0`` (read at
+every call) turns it off; ``AGALITE_CPU_CACHE`` sets the
 build directory (default ``$XDG_CACHE_HOME/agalite_triton`` or ``~/.cache/agalite_triton``); ``CXX``
 picks the compiler (default ``c++``, then ``g++``). Where no compiler works it warns once and every call
 takes the eager reference.
@@ -20,25 +21,14 @@ takes the eager reference.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-import time
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from ..oscillator import oscillator_period, oscillator_table, step_residues
+from .cpp_library import CppLibrary, FusedUnavailableWarning, cpu_call_ok, enabled, forced
 
 __all__ = [
     "FusedUnavailableWarning",
@@ -51,22 +41,12 @@ __all__ = [
 ]
 
 SOURCE = Path(__file__).with_name("cpu_fused.cpp")
+HEADER = Path(__file__).with_name("cpu_fused_common.h")  # what it shares with galite_cpu_fused.cpp
 ABI_VERSION = 4
-# Flag sets tried in order: the host's ISA first; then portable code; then without OpenMP (one thread).
-FLAG_SETS = (
-    ["-O3", "-march=native", "-fopenmp"],
-    ["-O3", "-fopenmp"],
-    ["-O3"],
-)
-COMMON_FLAGS = ["-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
 # The backward recomputes a chunk of steps into a buffer of this size per thread (it should stay in L2).
 BACKWARD_BUFFER_BYTES = 512 * 1024
 
 State = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-class FusedUnavailableWarning(RuntimeWarning):
-    """The fused CPU recurrence could not be built or loaded; the eager reference runs instead."""
 
 
 class _Args(ctypes.Structure):
@@ -111,163 +91,20 @@ class _Args(ctypes.Structure):
     ]
 
 
-# ------------------------------------------------------------------------------------------ building
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_info: dict[str, Any] = {"state": "not built"}
-_override: list[bool] = []
-_compiles = [0]  # compiler runs in this process (a test checks that shapes and ticks never add any)
-
-
-def _cache_dir() -> Path:
-    explicit = os.environ.get("AGALITE_CPU_CACHE")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    path = Path(base) / "agalite_triton"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        if os.access(path, os.W_OK):
-            return path
-    except OSError:
-        pass
-    # A read-only home (some CI runners, containers): a per-user directory under the temporary one.
-    return Path(tempfile.gettempdir()) / f"agalite_triton-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
-
-
-def _compilers() -> list[str]:
-    named = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++"]
-    return [path for path in (shutil.which(c) for c in named) if path]
-
-
-def _cpu_flags() -> str:
-    # -march=native code must never be loaded on another CPU (a shared home directory): the build key
-    # includes what the CPU reports.
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _build(compiler: str, flags: list[str], target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Built under a temporary name and renamed: concurrent first uses never load a half-written file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        cmd = [compiler, *flags, *COMMON_FLAGS, str(SOURCE), "-o", tmp]
-        _compiles[0] += 1
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            errors = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines()
-            raise RuntimeError(f"exit status {done.returncode}: {(errors or [''])[0].strip()[:300]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _load() -> ctypes.CDLL | None:
-    global _lib, _info
-    if _info["state"] != "not built":
-        return _lib
-    with _lock:
-        if _info["state"] != "not built":
-            return _lib
-        started = time.perf_counter()
-        errors = []
-        source = SOURCE.read_bytes()
-        for compiler in _compilers():
-            for flags in FLAG_SETS:
-                key = hashlib.sha256(b"\0".join(
-                    [source, compiler.encode(), " ".join(flags + COMMON_FLAGS).encode(), _cpu_flags().encode()]
-                )).hexdigest()[:16]  # fmt: skip
-                target = _cache_dir() / f"cpu_fused-{key}.so"
-                try:
-                    cached = target.exists()
-                    if not cached:
-                        _build(compiler, flags, target)
-                    lib = ctypes.CDLL(str(target))
-                    if lib.agalite_abi_version() != ABI_VERSION:
-                        raise RuntimeError(f"{target}: ABI version {lib.agalite_abi_version()}, expected {ABI_VERSION}")
-                except Exception as exc:  # try the next flag set / compiler, then fall back
-                    errors.append(f"{compiler} {' '.join(flags)}: {exc}")
-                    continue
-                for name in ("agalite_forward_f32", "agalite_forward_f64", "agalite_backward_f32",
-                             "agalite_backward_f64"):  # fmt: skip
-                    fn = getattr(lib, name)
-                    fn.argtypes, fn.restype = [ctypes.POINTER(_Args)], None
-                _lib = lib
-                _info = dict(state="ready", path=str(target), compiler=compiler, flags=flags, cached=cached,
-                             seconds=time.perf_counter() - started, errors=errors)  # fmt: skip
-                return _lib
-        reason = "; ".join(errors) if errors else "no C++ compiler found (set CXX, or install g++)"
-        _info = dict(state="unavailable", reason=reason, seconds=time.perf_counter() - started)
-        warnings.warn(
-            f"agalite_triton: the fused CPU recurrence is unavailable, using the eager reference ({reason})",
-            FusedUnavailableWarning,
-            stacklevel=3,
-        )
-        return None
-
-
-def build_info() -> dict[str, Any]:
-    """Build (or load) the library now and say how it went: ``state`` ("ready" or "unavailable"),
-    ``seconds`` (build or load time in this process), ``cached`` (found built), ``path``, ``flags``,
-    ``compiler`` or ``reason``, and ``compiles`` (compiler runs in this process so far)."""
-    _load()
-    return dict(_info, compiles=_compiles[0])
-
-
-def fresh_build_seconds() -> float | None:
-    """Seconds a build from scratch takes on this machine (into a temporary directory; nothing is
-    loaded): the first-call cost of a process that finds no cached build. None where unavailable."""
-    info = build_info()
-    if info["state"] != "ready":
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        started = time.perf_counter()
-        _build(info["compiler"], info["flags"], Path(tmp) / "fresh.so")
-        return time.perf_counter() - started
-
-
-def _reset_for_tests() -> None:
-    global _lib, _info
-    with _lock:
-        _lib, _info = None, {"state": "not built"}
-
-
-# ----------------------------------------------------------------------------------------- dispatch
-def enabled() -> bool:
-    """Whether calls may take the fused path: ``forced`` if set, else ``AGALITE_CPU_FUSED`` != "0"."""
-    if _override:
-        return _override[-1]
-    return os.environ.get("AGALITE_CPU_FUSED", "1") != "0"
-
-
-@contextlib.contextmanager
-def forced(on: bool) -> Iterator[None]:
-    """Turn the fused path on or off inside the block (for side-by-side benchmarks and tests)."""
-    _override.append(bool(on))
-    try:
-        yield
-    finally:
-        _override.pop()
+# ---------------------------------------------------------------------------------- building, dispatch
+_library = CppLibrary(
+    SOURCE, "agalite_abi_version", ABI_VERSION,
+    ("agalite_forward_f32", "agalite_forward_f64", "agalite_backward_f32", "agalite_backward_f64"), _Args,
+    headers=(HEADER,),
+)  # fmt: skip
+build_info = _library.build_info
+fresh_build_seconds = _library.fresh_build_seconds
+_reset_for_tests = _library.reset_for_tests
 
 
 def usable(keys: torch.Tensor, dones: torch.Tensor | None) -> bool:
     """Whether a reference call with these inputs takes the fused path (and, first time, builds it)."""
-    if keys.device.type != "cpu" or not enabled() or torch.compiler.is_compiling():
-        return False
-    if torch._C._functorch.is_functorch_wrapped_tensor(keys):
-        return False  # vmap / grad transforms: no raw memory to hand to the library
-    if dones is not None and dones.requires_grad:
-        return False  # floating dones with a gradient: only the eager path differentiates them
-    return _load() is not None
+    return cpu_call_ok(keys, dones) and _library.load() is not None
 
 
 def _addr(t: torch.Tensor | None) -> int | None:
@@ -365,16 +202,8 @@ def _set_state(a: _Args, field: str, tensors: State) -> None:
 
 
 def _call(kind: str, compute: torch.dtype, a: _Args) -> None:
-    lib = _lib if _lib is not None else _load()
-    if lib is None:
-        raise RuntimeError(f"the fused CPU recurrence is unavailable: {_info.get('reason')}")
-    fn = getattr(lib, f"agalite_{kind}_{'f64' if compute == torch.float64 else 'f32'}")
-    if torch.autograd.profiler._is_profiler_enabled:
-        # Named in profiler traces, which do not see foreign calls otherwise (a record costs ~9 us).
-        with torch.profiler.record_function(f"agalite_triton::cpu_fused_{kind}"):
-            fn(ctypes.byref(a))
-    else:
-        fn(ctypes.byref(a))
+    suffix = "f64" if compute == torch.float64 else "f32"
+    _library.call(f"agalite_{kind}_{suffix}", a, f"cpu_fused_{kind}")
 
 
 def _chunk(steps: int, width: int, itemsize: int) -> int:

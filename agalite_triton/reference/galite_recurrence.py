@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import galite_cpu_fused
 from .discounted_sum import discounted_sum
 from .recurrence import sigmoid_pair
 
@@ -45,8 +46,16 @@ def galite_reference_recurrence(
 ) -> tuple[torch.Tensor, Memory]:
     """Eager GaLiTe recurrence; arguments validated by the caller (see ``galite_recurrence``).
 
-    ``slots`` (with ``final_out``): row n of the projections steps state row ``slots[n]``.
+    On CPU it runs fused (``galite_cpu_fused``: one pass per environment and head, same maths, ``slots``
+    and ``restart`` included) unless ``AGALITE_CPU_FUSED=0``, the library cannot be built or the call is
+    being traced by torch.compile; the eager maths below is the definition either way. ``slots`` (with
+    ``final_out``): row n of the projections steps state row ``slots[n]``.
     """
+    if keys.shape[1] > 0 and galite_cpu_fused.usable(keys, dones):
+        return galite_cpu_fused.galite_fused_recurrence(
+            keys, queries, values, beta, gamma, p1, p2, p3, dones, c, s,
+            eps=eps, final_out=final_out, slots=slots, restart=restart,
+        )  # fmt: skip
     if slots is not None:
         rows = (c.index_select(0, slots), s.index_select(0, slots))
         out, rows = galite_reference_recurrence(

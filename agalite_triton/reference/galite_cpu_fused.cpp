@@ -1,0 +1,432 @@
+// The GaLiTe recurrence for CPU tensors as one pass per (environment, head): the eager reference's maths
+// (agalite_triton/reference/galite_recurrence.py) with the (D, K) memory of one head (32 KiB at D = 64,
+// nu = 2) kept in L1/L2 across the steps of a call, instead of scans over (B, T, H, D, K) temporaries.
+//
+// Built at first use by agalite_triton/reference/galite_cpu_fused.py (through cpp_library.py, as
+// cpu_fused.cpp) and called through ctypes with raw pointers and element strides.
+//
+// Rounding follows the reference where it can (-ffp-contract=off; the reference's products and sums in its
+// order and dtype). The differences, all at rounding level:
+// * float32 sigmoid pairs come from one float exp (cpu_fused_common.h);
+// * the read-out's dot products <C_j, Q>, <s, Q> are summed in double (the reference sums in float);
+// * the decay keep (sigma(-beta_j) + sigma(beta_j) (1 - G_k)) is formed as keep sigma(-beta_j) +
+//   (keep sigma(beta_j)) (1 - G_k): the same value for 0/1 dones;
+// * float32 kernels flush subnormals to zero.
+//
+// Work items (n, h) are independent and each is computed by one thread in a fixed order, so results
+// are bitwise the same whatever the thread count.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "cpu_fused_common.h"
+
+namespace {
+
+// Mirrors the ctypes.Structure in galite_cpu_fused.py field for field.
+struct Args {
+    const void* proj[8];  // keys, queries, values, beta, gamma: (N, T, H, D); p1, p2, p3: (N, T, H, nu)
+    int64_t proj_stride[8][3];  // element strides of (n, t, h); the last dim is contiguous
+    const void* dones;  // (N, T) bool (dones_bool) or in the compute dtype, or null
+    int64_t dones_stride[2];
+    int64_t dones_bool;
+    const int64_t* slots;  // (N,) state row of each projection row, or null (row n)
+    const void* state_in[2];  // c (B_s, H, D, K), s (B_s, H, K)
+    int64_t state_in_stride[2];  // batch strides; the rest of each row is contiguous
+    void* state_out[2];  // same layout; may alias state_in
+    int64_t state_out_stride[2];
+    void* out;  // (N, T, H, D)
+    int64_t out_stride[3];
+    void* ckpt;  // (N, C, H, W), W = D*K + K: the memory before steps 0, chunk, 2*chunk, ...; or null
+    int64_t chunk;
+    // Backward only.
+    const void* grad_out;  // (N, T, H, D) contiguous
+    const void* grad_final[2];  // memory-shaped, contiguous, each may be null (zero)
+    void* grad_proj[8];  // shaped like the projections
+    int64_t grad_proj_stride[8][3];
+    void* grad_state[2];  // contiguous, memory-shaped
+    // Restarts: where restart_index[n, t] = m >= 0 the memory before step t is row m of restart_state.
+    const int64_t* restart_index;  // (N, T) contiguous, or null
+    const void* restart_state[2];  // (N_r, H, D, K), (N_r, H, K); inner contiguous
+    int64_t restart_stride[2];
+    void* grad_restart[2];  // backward: (N_r, ...) contiguous, zero on entry, accumulated into
+    int64_t n, t, h, d, nu;
+    double eps;
+    int64_t threads;
+};
+
+// Per-step factors of one (n, t, h): gates and feature factors ((D,) and (nu,) vectors), and the (K,)
+// features they expand to, dim-major (k = i * nu + m).
+template <typename S>
+struct Gates {
+    S *sg, *sng, *sb, *snb, *ka, *qa, *vin, *dca, *dcb;  // (D,): dca = keep sigma(-beta), dcb = keep sigma(beta)
+    S *sp3, *snp3, *kb, *qb;  // (nu,)
+    S *omg, *kg, *q, *ds;  // (K,): 1 - G, K G, Q, keep (1 - G)
+    double* qd;  // (K,) Q in double, for the read-out's dot products
+    S keep = S(1);
+
+    Gates(Arena& ar, int64_t d, int64_t nu) {
+        for (S** v : {&sg, &sng, &sb, &snb, &ka, &qa, &vin, &dca, &dcb}) *v = ar.take<S>(d);
+        for (S** v : {&sp3, &snp3, &kb, &qb}) *v = ar.take<S>(nu);
+        for (S** v : {&omg, &kg, &q, &ds}) *v = ar.take<S>(d * nu);
+        qd = ar.take<double>(d * nu);
+    }
+
+    void compute(const Args& a, int64_t n, int64_t t, int64_t h) {
+        const int64_t d = a.d, nu = a.nu;
+        const S* p[8];
+        for (int i = 0; i < 8; ++i)
+            p[i] = static_cast<const S*>(a.proj[i]) + n * a.proj_stride[i][0] + t * a.proj_stride[i][1] +
+                   h * a.proj_stride[i][2];
+        const int64_t at = n * a.dones_stride[0] + t * a.dones_stride[1];
+        const S done = a.dones == nullptr ? S(0)
+                       : a.dones_bool    ? S(static_cast<const uint8_t*>(a.dones)[at] != 0)
+                                         : static_cast<const S*>(a.dones)[at];
+        keep = S(1) - done;
+        sigmoid_pair(p[4], sg, sng, d);
+        sigmoid_pair(p[3], sb, snb, d);
+        sigmoid_pair(p[7], sp3, snp3, nu);
+        for (int64_t i = 0; i < d; ++i) {
+            ka[i] = sg[i] * relu(p[0][i]);
+            qa[i] = relu(p[1][i]);
+            vin[i] = sb[i] * p[2][i];
+            dca[i] = keep * snb[i];
+            dcb[i] = keep * sb[i];
+        }
+        for (int64_t m = 0; m < nu; ++m) {
+            kb[m] = sp3[m] * relu(p[5][m]);
+            qb[m] = relu(p[6][m]);
+        }
+        // 1 - G = sigma(-gamma) + sigma(gamma) sigma(-p3): no cancellation as a gate nears 1.
+        for (int64_t i = 0; i < d; ++i)
+            for (int64_t m = 0; m < nu; ++m) {
+                const int64_t k = i * nu + m;
+                omg[k] = sng[i] + sg[i] * snp3[m];
+                kg[k] = ka[i] * kb[m];
+                q[k] = qa[i] * qb[m];
+                qd[k] = q[k];
+                ds[k] = keep * omg[k];
+            }
+    }
+};
+
+// One head's memory: row j of C at c + j * k, s at s.
+template <typename S>
+struct HeadMem {
+    S* c;
+    S* s;
+};
+
+template <typename S>
+HeadMem<S> mem_of(const Args& a, void* const* base, const int64_t* stride, int64_t row, int64_t h) {
+    const int64_t k = a.d * a.nu;
+    return HeadMem<S>{static_cast<S*>(base[0]) + row * stride[0] + h * a.d * k,
+                      static_cast<S*>(base[1]) + row * stride[1] + h * k};
+}
+
+// A head's memory packed contiguously (C, then s), as checkpoints store it.
+template <typename S>
+HeadMem<S> packed(S* p, int64_t d, int64_t k) {
+    return HeadMem<S>{p, p + d * k};
+}
+
+template <typename S>
+void copy_mem(const HeadMem<S>& from, const HeadMem<S>& to, int64_t d, int64_t k) {
+    std::memcpy(to.c, from.c, d * k * sizeof(S));
+    std::memcpy(to.s, from.s, k * sizeof(S));
+}
+
+inline int64_t restart_row(const Args& a, int64_t n, int64_t t) {
+    return a.restart_index ? a.restart_index[n * a.t + t] : -1;
+}
+
+inline int64_t width(const Args& a) { return a.d * a.nu * (a.d + 1); }
+
+inline int64_t chunks(const Args& a) { return (a.t + a.chunk - 1) / a.chunk; }
+
+// dst[k] = x_scale * x[k] + (da + db * dc[k]) * src[k] over one K-row (dst may be src), and
+// acc[l] += dst[k] * qd[k] for k = l mod kLanes, in double: one pass that updates a memory row and forms
+// its part of <row, Q>. The s row is the same update with da = 0, db = 1, dc = keep (1 - G), x_scale = 1.
+template <typename S>
+inline void update_row(S* dst, const S* src, const S* __restrict x, const S* __restrict dc,
+                       const double* __restrict qd, double* __restrict acc, S x_scale, S da, S db, int64_t len) {
+    int64_t i = 0;
+    for (; i + kLanes <= len; i += kLanes) {
+        S v[kLanes];
+        for (int l = 0; l < kLanes; ++l) v[l] = x_scale * x[i + l] + (da + db * dc[i + l]) * src[i + l];
+        for (int l = 0; l < kLanes; ++l) {
+            dst[i + l] = v[l];
+            acc[l] += static_cast<double>(v[l]) * qd[i + l];
+        }
+    }
+    for (int l = 0; i + l < len; ++l) {
+        const S v = x_scale * x[i + l] + (da + db * dc[i + l]) * src[i + l];
+        dst[i + l] = v;
+        acc[l] += static_cast<double>(v) * qd[i + l];
+    }
+}
+
+// One step of one head: src -> dst (they may be the same memory); num (D,) and den receive <C_j, Q> and
+// <s, Q> + eps; out (or null) the read-out num / den.
+template <typename S>
+void step(const Args& a, const Gates<S>& g, const HeadMem<S>& src, const HeadMem<S>& dst, S* num, S& den,
+          S* out) {
+    const int64_t d = a.d, k = a.d * a.nu;
+    double acc[kLanes];
+    std::fill(acc, acc + kLanes, 0.0);
+    // s_t = K G + keep (1 - G) s: the reference's x + a h with a = keep (1 - G) (da + db a = a exactly).
+    update_row(dst.s, src.s, g.kg, g.ds, g.qd, acc, S(1), S(0), S(1), k);
+    den = static_cast<S>(hsum(acc)) + static_cast<S>(a.eps);
+    for (int64_t j = 0; j < d; ++j) {
+        std::fill(acc, acc + kLanes, 0.0);
+        update_row(dst.c + j * k, src.c + j * k, g.kg, g.omg, g.qd, acc, g.vin[j], g.dca[j], g.dcb[j], k);
+        num[j] = static_cast<S>(hsum(acc));
+    }
+    if (out == nullptr) return;
+    for (int64_t j = 0; j < d; ++j) out[j] = num[j] / den;
+}
+
+template <typename S>
+void forward(const Args& a) {
+    const int64_t items = a.n * a.h, k = a.d * a.nu, wd = width(a);
+    void* const in_base[2] = {const_cast<void*>(a.state_in[0]), const_cast<void*>(a.state_in[1])};
+    void* const restart_base[2] = {const_cast<void*>(a.restart_state[0]), const_cast<void*>(a.restart_state[1])};
+    // Tiny calls (one env, a few heads) run on the calling thread: a parallel region costs more.
+#pragma omp parallel num_threads(a.threads) if (items * a.t * wd >= 32768 && a.threads > 1)
+    {
+        const FlushSubnormals<S> flush;
+        Arena& ar = tl_arena;
+        ar.reset();
+        Gates<S> g(ar, a.d, a.nu);
+        S* num = ar.take<S>(a.d);
+        S den;
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < items; ++item) {
+            const int64_t n = item / a.h, h = item % a.h;
+            const int64_t row = a.slots ? a.slots[n] : n;
+            const HeadMem<S> src = mem_of<S>(a, in_base, a.state_in_stride, row, h);
+            const HeadMem<S> dst = mem_of<S>(a, a.state_out, a.state_out_stride, row, h);
+            for (int64_t t = 0; t < a.t; ++t) {
+                const HeadMem<S>& carried = t == 0 ? src : dst;
+                if (a.ckpt != nullptr && t % a.chunk == 0) {
+                    S* c = static_cast<S*>(a.ckpt) + ((n * chunks(a) + t / a.chunk) * a.h + h) * wd;
+                    copy_mem(carried, packed(c, a.d, k), a.d, k);
+                }
+                const int64_t m = restart_row(a, n, t);
+                const HeadMem<S> cur = m < 0 ? carried : mem_of<S>(a, restart_base, a.restart_stride, m, h);
+                g.compute(a, n, t, h);
+                S* out = static_cast<S*>(a.out) + n * a.out_stride[0] + t * a.out_stride[1] + h * a.out_stride[2];
+                step(a, g, cur, dst, num, den, out);
+            }
+        }
+    }
+}
+
+// Reverse-mode through one memory row j of one step. In: g1 = dC_t[j] + gN_j Q (gc holds dC_t[j] and
+// receives dC_{t-1}[j] = decay * g1). Accumulates over k the row sums
+// racc[0] += g1 C_{t-1}[j, k] (d decay / d dca_j), racc[1] += g1 C_{t-1} (1 - G_k) (d / d dcb_j),
+// racc[2] += g1 K G_k (d / d vin_j), and over rows the column sums gomg += g1 C_{t-1} dcb_j,
+// gkg += g1 vin_j, gq += gN_j C_t[j].
+template <typename S>
+inline void bwd_row(S* __restrict gc, S* __restrict gomg, S* __restrict gkg, S* __restrict gq,
+                    double* __restrict racc, const S* __restrict c0, const S* __restrict c1,
+                    const S* __restrict q, const S* __restrict omg, const S* __restrict kg, S gn, S dca, S dcb,
+                    S vin, int64_t len) {
+    int64_t i = 0;
+    for (; i + kLanes <= len; i += kLanes) {
+        for (int l = 0; l < kLanes; ++l) {
+            const S g1 = gc[i + l] + gn * q[i + l];
+            const S gdc = g1 * c0[i + l];
+            racc[l] += static_cast<double>(gdc);
+            racc[kLanes + l] += static_cast<double>(gdc * omg[i + l]);
+            racc[2 * kLanes + l] += static_cast<double>(g1 * kg[i + l]);
+            gomg[i + l] = gomg[i + l] + gdc * dcb;
+            gkg[i + l] = gkg[i + l] + g1 * vin;
+            gq[i + l] = gq[i + l] + gn * c1[i + l];
+            gc[i + l] = (dca + dcb * omg[i + l]) * g1;
+        }
+    }
+    for (int l = 0; i + l < len; ++l) {
+        const S g1 = gc[i + l] + gn * q[i + l];
+        const S gdc = g1 * c0[i + l];
+        racc[l] += static_cast<double>(gdc);
+        racc[kLanes + l] += static_cast<double>(gdc * omg[i + l]);
+        racc[2 * kLanes + l] += static_cast<double>(g1 * kg[i + l]);
+        gomg[i + l] = gomg[i + l] + gdc * dcb;
+        gkg[i + l] = gkg[i + l] + g1 * vin;
+        gq[i + l] = gq[i + l] + gn * c1[i + l];
+        gc[i + l] = (dca + dcb * omg[i + l]) * g1;
+    }
+}
+
+// Per-thread scratch of the backward.
+template <typename S>
+struct BackWork {
+    S *gomg, *gkg, *gq;  // (K,)
+    S *gsg, *gsng, *gsb, *gsnb, *gvin;  // (D,)
+    S *gsp3, *gsnp3, *gkb, *gqb;  // (nu,)
+
+    BackWork(Arena& ar, int64_t d, int64_t nu) {
+        for (S** v : {&gomg, &gkg, &gq}) *v = ar.take<S>(d * nu);
+        for (S** v : {&gsg, &gsng, &gsb, &gsnb, &gvin}) *v = ar.take<S>(d);
+        for (S** v : {&gsp3, &gsnp3, &gkb, &gqb}) *v = ar.take<S>(nu);
+    }
+};
+
+// The gradients of one step's eight projections from those of its (K,) features and (D,) factors
+// (sigma' = sigma(x) sigma(-x), as the reference's sigmoid_pair).
+template <typename S>
+void bwd_projections(const Args& a, const Gates<S>& g, BackWork<S>& w, int64_t n, int64_t t, int64_t h) {
+    const int64_t d = a.d, nu = a.nu;
+    const S* p[8];
+    S* gp[8];
+    for (int i = 0; i < 8; ++i) {
+        p[i] = static_cast<const S*>(a.proj[i]) + n * a.proj_stride[i][0] + t * a.proj_stride[i][1] +
+               h * a.proj_stride[i][2];
+        gp[i] = static_cast<S*>(a.grad_proj[i]) + n * a.grad_proj_stride[i][0] + t * a.grad_proj_stride[i][1] +
+                h * a.grad_proj_stride[i][2];
+    }
+    std::fill(w.gsp3, w.gsp3 + nu, S(0));
+    std::fill(w.gsnp3, w.gsnp3 + nu, S(0));
+    std::fill(w.gkb, w.gkb + nu, S(0));
+    std::fill(w.gqb, w.gqb + nu, S(0));
+    // omg[i, m] = sng_i + sg_i snp3_m, kg[i, m] = ka_i kb_m, q[i, m] = qa_i qb_m.
+    for (int64_t i = 0; i < d; ++i) {
+        S gsng = S(0), gsg = S(0), gka = S(0), gqa = S(0);
+        for (int64_t m = 0; m < nu; ++m) {
+            const int64_t k = i * nu + m;
+            gsng = gsng + w.gomg[k];
+            gsg = gsg + w.gomg[k] * g.snp3[m];
+            gka = gka + w.gkg[k] * g.kb[m];
+            gqa = gqa + w.gq[k] * g.qb[m];
+            w.gsnp3[m] = w.gsnp3[m] + w.gomg[k] * g.sg[i];
+            w.gkb[m] = w.gkb[m] + w.gkg[k] * g.ka[i];
+            w.gqb[m] = w.gqb[m] + w.gq[k] * g.qa[i];
+        }
+        const S k_ = p[0][i], q_ = p[1][i], v_ = p[2][i];
+        gsg = gsg + gka * relu(k_);
+        gp[0][i] = k_ > S(0) ? gka * g.sg[i] : S(0);
+        gp[1][i] = q_ > S(0) ? gqa : S(0);
+        gp[2][i] = w.gvin[i] * g.sb[i];
+        const S gsb = w.gsb[i] + w.gvin[i] * v_;
+        gp[3][i] = (gsb - w.gsnb[i]) * (g.sb[i] * g.snb[i]);
+        gp[4][i] = (gsg - gsng) * (g.sg[i] * g.sng[i]);
+    }
+    for (int64_t m = 0; m < nu; ++m) {
+        const S p1 = p[5][m];
+        gp[5][m] = p1 > S(0) ? w.gkb[m] * g.sp3[m] : S(0);
+        gp[6][m] = p[6][m] > S(0) ? w.gqb[m] : S(0);
+        const S gsp3 = w.gkb[m] * relu(p1);
+        gp[7][m] = (gsp3 - w.gsnp3[m]) * (g.sp3[m] * g.snp3[m]);
+    }
+}
+
+// Reverse-mode through one call, per head: each chunk of steps is recomputed from its checkpoint into
+// a thread-local buffer (the memory before each step: (chunk + 1) x 33 KiB at the tmaze size, so it stays
+// in L2), then walked backwards; the gradient of the carried memory (gc, gs) flows from the last step to
+// the first and ends in grad_state.
+template <typename S>
+void backward(const Args& a) {
+    const int64_t items = a.n * a.h, d = a.d, nu = a.nu, k = d * nu, wd = width(a);
+    const int64_t nch = chunks(a);
+    void* const restart_base[2] = {const_cast<void*>(a.restart_state[0]), const_cast<void*>(a.restart_state[1])};
+#pragma omp parallel num_threads(a.threads) if (items * a.t * wd >= 32768 && a.threads > 1)
+    {
+        const FlushSubnormals<S> flush;
+        Arena& ar = tl_arena;
+        ar.reset();
+        Gates<S> g(ar, d, nu);
+        BackWork<S> w(ar, d, nu);
+        S* states = ar.take<S>((a.chunk + 1) * wd);  // the memory before each step of a chunk, and after its last
+        S* rbuf = ar.take<S>(wd);  // a restart memory, packed, when a step starts from one
+        S* num_t = ar.take<S>(a.chunk * d);
+        S* den_t = ar.take<S>(a.chunk);
+        S* gc = ar.take<S>(d * k);
+        S* gs = ar.take<S>(k);
+        double racc[3 * kLanes];
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < items; ++item) {
+            const int64_t n = item / a.h, h = item % a.h;
+            const S* fc = static_cast<const S*>(a.grad_final[0]);
+            const S* fs = static_cast<const S*>(a.grad_final[1]);
+            for (int64_t x = 0; x < d * k; ++x) gc[x] = fc ? fc[(n * a.h + h) * d * k + x] : S(0);
+            for (int64_t x = 0; x < k; ++x) gs[x] = fs ? fs[(n * a.h + h) * k + x] : S(0);
+            for (int64_t c = nch - 1; c >= 0; --c) {
+                const int64_t t0 = c * a.chunk, t1 = std::min(a.t, t0 + a.chunk);
+                const S* ck = static_cast<const S*>(a.ckpt) + ((n * nch + c) * a.h + h) * wd;
+                std::memcpy(states, ck, wd * sizeof(S));
+                for (int64_t t = t0; t < t1; ++t) {
+                    g.compute(a, n, t, h);
+                    HeadMem<S> prev = packed(states + (t - t0) * wd, d, k);
+                    const int64_t m = restart_row(a, n, t);
+                    if (m >= 0) {  // the step starts from the restart memory; the slot keeps step t - 1's memory
+                        prev = packed(rbuf, d, k);
+                        copy_mem(mem_of<S>(a, restart_base, a.restart_stride, m, h), prev, d, k);
+                    }
+                    step(a, g, prev, packed(states + (t - t0 + 1) * wd, d, k), num_t + (t - t0) * d, den_t[t - t0],
+                         static_cast<S*>(nullptr));
+                }
+                for (int64_t t = t1 - 1; t >= t0; --t) {
+                    g.compute(a, n, t, h);
+                    const int64_t rr = restart_row(a, n, t);
+                    HeadMem<S> prev = packed(states + (t - t0) * wd, d, k);
+                    if (rr >= 0) {
+                        prev = packed(rbuf, d, k);
+                        copy_mem(mem_of<S>(a, restart_base, a.restart_stride, rr, h), prev, d, k);
+                    }
+                    const HeadMem<S> cur = packed(states + (t - t0 + 1) * wd, d, k);
+                    const S* num = num_t + (t - t0) * d;
+                    const S den = den_t[t - t0];
+                    const S* go = static_cast<const S*>(a.grad_out) + ((n * a.t + t) * a.h + h) * d;
+                    // out = num / den: d num = go / den, d den = -sum go num / den^2 (the forward's out).
+                    double dot = 0.0;
+                    for (int64_t j = 0; j < d; ++j) dot += static_cast<double>(go[j]) * static_cast<double>(num[j] / den);
+                    const S gden = static_cast<S>(-dot / static_cast<double>(den));
+                    // s_t = K G + ds s_{t-1}, den = <s_t, Q> + eps.
+                    for (int64_t x = 0; x < k; ++x) {
+                        const S g1 = gs[x] + gden * g.q[x];
+                        w.gkg[x] = g1;
+                        w.gomg[x] = g.keep * (g1 * prev.s[x]);
+                        w.gq[x] = gden * cur.s[x];
+                        gs[x] = g.ds[x] * g1;
+                    }
+                    for (int64_t j = 0; j < d; ++j) {
+                        std::fill(racc, racc + 3 * kLanes, 0.0);
+                        bwd_row(gc + j * k, w.gomg, w.gkg, w.gq, racc, prev.c + j * k, cur.c + j * k, g.q, g.omg,
+                                g.kg, go[j] / den, g.dca[j], g.dcb[j], g.vin[j], k);
+                        w.gsnb[j] = g.keep * static_cast<S>(hsum(racc));
+                        w.gsb[j] = g.keep * static_cast<S>(hsum(racc + kLanes));
+                        w.gvin[j] = static_cast<S>(hsum(racc + 2 * kLanes));
+                    }
+                    bwd_projections(a, g, w, n, t, h);
+                    // A restart before step t: the gradient of the memory it started from goes to that restart
+                    // row (rows are used by one batch row only, so no other thread adds here), and nothing
+                    // flows to what was carried in.
+                    if (rr >= 0) {
+                        S* rc = static_cast<S*>(a.grad_restart[0]) + (rr * a.h + h) * d * k;
+                        S* rs = static_cast<S*>(a.grad_restart[1]) + (rr * a.h + h) * k;
+                        for (int64_t x = 0; x < d * k; ++x) rc[x] += gc[x];
+                        for (int64_t x = 0; x < k; ++x) rs[x] += gs[x];
+                        std::fill(gc, gc + d * k, S(0));
+                        std::fill(gs, gs + k, S(0));
+                    }
+                }
+            }
+            std::memcpy(static_cast<S*>(a.grad_state[0]) + (n * a.h + h) * d * k, gc, d * k * sizeof(S));
+            std::memcpy(static_cast<S*>(a.grad_state[1]) + (n * a.h + h) * k, gs, k * sizeof(S));
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+int galite_abi_version() { return 1; }
+void galite_forward_f32(const Args* a) { forward<float>(*a); }
+void galite_forward_f64(const Args* a) { forward<double>(*a); }
+void galite_backward_f32(const Args* a) { backward<float>(*a); }
+void galite_backward_f64(const Args* a) { backward<double>(*a); }
+}
