@@ -272,6 +272,10 @@ GALITE_BAD_CALLS: list[BadCall] = [
      r"^state: expected an GaLiTeState"),
     ("pack_plain_tuple", lambda c: c.model.pack_state(tuple(c.state)), TypeError,
      r"^state: expected an GaLiTeState, got tuple"),
+    ("pack_c_1d", lambda c: c.model.pack_state(GaLiTeState(c.state.c[0, 0, 0, 0], c.state.s)), ValueError,
+     r"^state.c: expected 5 dimensions \(2, B, 2, 4, 12\)"),
+    ("pack_s_other_batch", lambda c: c.model.pack_state(c.state._replace(s=c.state.s[:, :2])), ValueError,
+     r"^state.s: expected shape \(2, 3, 2, 12\)"),
     ("restart_state_plain_tuple", lambda c: c.model(c.x, c.state, restart=torch.zeros(B, T, dtype=torch.bool),
                                                     restart_state=tuple(c.state)),  # fmt: skip
      TypeError, r"^restart_state: expected an GaLiTeState, got tuple"),
