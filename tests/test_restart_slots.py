@@ -396,6 +396,13 @@ def test_model_restart_equals_running_from_the_restart_state(batch_first, kind):
         assert final.tick.tolist() == [2**50 + 3, state.tick[1].item() + 6, 1 + 2]
     y.square().sum().backward()
     assert all(t.grad is not None and float(t.grad.abs().max()) > 0 for t in rs.memories())
+    # One step (B,): rows 0 and 2 restart, bitwise a step from the state with those rows replaced.
+    with torch.no_grad():
+        one = torch.tensor([True, False, True])
+        y1, s1 = model(x[:, 0], state, dones[:, 0], restart=one, restart_state=rs.select(slice(0, 2)).detach())
+        mixed = type(state).cat([rs.select(0).detach(), state.select(1), rs.select(1).detach()])
+        y2, s2 = model(x[:, 0], mixed, dones[:, 0])
+    assert torch.equal(y1, y2) and all(torch.equal(a, c) for a, c in zip(s1, s2))
 
 
 @pytest.mark.parametrize("kind", KINDS)
