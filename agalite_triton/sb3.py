@@ -144,7 +144,9 @@ class AGaLiTePolicy(RecurrentActorCriticPolicy):
         self.agalite_kwargs = agalite_kwargs
         # The parent builds the mlp_extractor on lstm_hidden_size outputs: the core's d_model.
         super().__init__(*args, lstm_hidden_size=d_model, n_lstm_layers=1, **kwargs)
-        build = lambda: PackedCore(_build_core(model_class, agalite_kwargs, self.features_dim), self.features_dim)
+        def build() -> PackedCore:
+            return PackedCore(_build_core(model_class, agalite_kwargs, self.features_dim), self.features_dim)
+
         self.lstm_actor = build()
         if self.lstm_critic is not None:
             self.lstm_critic = build()

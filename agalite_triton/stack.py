@@ -117,17 +117,18 @@ class RecurrentStack(nn.Module):
         self, state: object, batch_size: int | None, device: torch.device | None, name: str = "state"
     ) -> None:
         """Raise if ``state`` does not belong to this model's sizes, ``batch_size`` and ``device`` (``None``:
-        the state's own, for a state whose batch or device nothing else fixes)."""
+        the first memory's, for a state whose batch or device nothing else fixes)."""
         cls = self.state_class
         if not isinstance(state, cls):
             raise TypeError(f"{name}: expected an {cls.__name__}, got {type(state).__name__}")
-        batch_size = state.batch_size if batch_size is None else batch_size
-        device = state.device if device is None else device
+        batch: int | str = "B" if batch_size is None else batch_size
         dt = self._state_dtype()
         for field, tensor, shape in zip(self._memory_names(), state.memories(), self.memory_shapes()):
-            check_tensor(f"{name}.{field}", tensor, shape=(self.n_layers, batch_size, *shape), dtype=dt, device=device)
+            check_tensor(f"{name}.{field}", tensor, shape=(self.n_layers, batch, *shape), dtype=dt, device=device)
+            # Every other field must agree with the first one's batch and device.
+            batch, device = tensor.shape[1], tensor.device
         if self.has_tick:
-            check_tensor(f"{name}.tick", state[-1], shape=(batch_size,), dtype=torch.int64, device=device)
+            check_tensor(f"{name}.tick", state[-1], shape=(batch,), dtype=torch.int64, device=device)
 
     @property
     def state_size(self) -> int:

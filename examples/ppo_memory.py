@@ -11,7 +11,7 @@ dones stops the run.
 
     python examples/ppo_memory.py --core agalite --corridor 20 --seed 1          # the cue-recall T-maze
     python examples/ppo_memory.py --env popgym:RepeatPreviousEasy --core agalite --r 4 --seed 1
-    python examples/ppo_memory.py --core galite --nu 2 --corridor 20 --seed 1           # GaLiTe's core
+    python examples/ppo_memory.py --core galite --nu 2 --corridor 20 --seed 1    # GaLiTe, the exact model
 
 ``--env popgym:<Name>`` takes any POPGym environment with a Discrete or MultiDiscrete action space
 (``pip install -e ".[rl]"``, which pins popgym 1.0.7), vectorised with gymnasium's ``SyncVectorEnv``

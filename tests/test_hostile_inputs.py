@@ -124,8 +124,8 @@ def _set_env(ctx: Ctx, name: str, value: str) -> Ctx:
 
 # (id, call, exception, pattern the message must match: it names the argument)
 BadCall = tuple[str, Callable[[Ctx], object], type[BaseException], str]
-BAD_CALLS: list[BadCall] = [
-    # model forward: rank, shape, dtype, device, type
+# Bad x and dones: the same errors from either model (make_ctx and make_galite_ctx share IN, B and T).
+INPUT_BAD_CALLS: list[BadCall] = [
     ("x_rank_4", lambda c: c.forward(x=c.x[None]), ValueError, r"^x: expected 3 dimensions"),
     ("x_rank_1", lambda c: c.forward(x=c.x[0, 0], state=None, dones=None), ValueError, r"^x: expected 3"),
     ("x_last_dim", lambda c: c.forward(x=c.x[..., :-1]), ValueError, r"^x: expected last dimension input_dim=5"),
@@ -139,6 +139,10 @@ BAD_CALLS: list[BadCall] = [
     ("dones_int_dtype", lambda c: c.forward(dones=c.dones.long()), TypeError, r"^dones: expected dtype torch.bool"),
     ("dones_on_meta_device", lambda c: c.forward(dones=c.dones.to("meta")), ValueError,
      r"^dones: expected a tensor on cpu"),
+]
+BAD_CALLS: list[BadCall] = [
+    *INPUT_BAD_CALLS,
+    # model forward: state rank, shape, dtype, device, type
     ("state_batch_mismatch", lambda c: c.forward(state=c.state.select(slice(0, 2))), ValueError,
      r"^state.tilde_k: expected shape \(2, 3, 3, 2, 8\)"),
     ("state_other_r", lambda c: c.forward(state=other_model(r=2).initial_state(B)), ValueError,
@@ -241,13 +245,7 @@ def _restart(c: Ctx, *memories: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 # GaLiTe's model and functional entry point: the same checks, its own names (c, s; nu; no tick).
 GALITE_BAD_CALLS: list[BadCall] = [
-    ("x_rank_4", lambda c: c.forward(x=c.x[None]), ValueError, r"^x: expected 3 dimensions"),
-    ("x_last_dim", lambda c: c.forward(x=c.x[..., :-1]), ValueError, r"^x: expected last dimension input_dim=5"),
-    ("x_float64_vs_float32_model", lambda c: c.forward(x=c.x.double()), TypeError, r"^x: expected dtype torch.float32"),
-    ("x_on_meta_device", lambda c: c.forward(x=c.x.to("meta"), state=None, dones=None), ValueError,
-     r"^x: expected a tensor on cpu"),
-    ("dones_int_dtype", lambda c: c.forward(dones=c.dones.long()), TypeError, r"^dones: expected dtype torch.bool"),
-    ("dones_time_major", lambda c: c.forward(dones=c.dones.t()), ValueError, r"^dones: expected shape \(3, 4\)"),
+    *INPUT_BAD_CALLS,
     ("state_agalite", lambda c: c.forward(state=other_model().initial_state(B)), TypeError,
      r"^state: expected an GaLiTeState, got AGaLiTeState"),
     ("state_plain_tuple", lambda c: c.forward(state=tuple(c.state)), TypeError, r"^state: expected an GaLiTeState"),
@@ -272,6 +270,10 @@ GALITE_BAD_CALLS: list[BadCall] = [
      r"^state: expected an GaLiTeState"),
     ("pack_plain_tuple", lambda c: c.model.pack_state(tuple(c.state)), TypeError,
      r"^state: expected an GaLiTeState, got tuple"),
+    ("pack_c_1d", lambda c: c.model.pack_state(GaLiTeState(c.state.c[0, 0, 0, 0], c.state.s)), ValueError,
+     r"^state.c: expected 5 dimensions \(2, B, 2, 4, 12\)"),
+    ("pack_s_other_batch", lambda c: c.model.pack_state(c.state._replace(s=c.state.s[:, :2])), ValueError,
+     r"^state.s: expected shape \(2, 3, 2, 12\)"),
     ("restart_state_plain_tuple", lambda c: c.model(c.x, c.state, restart=torch.zeros(B, T, dtype=torch.bool),
                                                     restart_state=tuple(c.state)),  # fmt: skip
      TypeError, r"^restart_state: expected an GaLiTeState, got tuple"),

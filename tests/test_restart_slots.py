@@ -96,31 +96,47 @@ def test_step_residues_match_a_python_loop(r):
     assert step_residues(tick, 5, r).tolist() == plain
 
 
-@pytest.mark.parametrize("r", [2, 5])
-def test_restart_equals_split_rows_with_gradients(r):
-    proj, dones, state, tick, index, rmem, rtick = restart_case(r, seed=r)
-    leaves = [t.clone().requires_grad_() for t in proj + state + rmem]
-    p, st, rm = leaves[:8], leaves[8:11], leaves[11:]
-    out, final = agalite_recurrence(*p, dones, *st, tick, restart=(index, *rm, rtick), backend="reference")
-    g = torch.Generator().manual_seed(9)
-    weights = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in (out, *final)]
-    loss = sum((w * t).sum() for w, t in zip(weights, (out, *final)))
-    grads = torch.autograd.grad(loss, leaves)
+def weighted_grads(fn, tensors, seed=9):
+    """``fn(leaves)`` -> (out, final) on fresh leaf copies of ``tensors``: out, final and the gradients of a
+    fixed random weighting of them (the same for every call with ``seed``) with respect to every leaf."""
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    out, final = fn(leaves)
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((torch.randn(t.shape, generator=g, dtype=t.dtype) * t).sum() for t in (out, *final))
+    return out, final, torch.autograd.grad(loss, leaves)
 
-    leaves2 = [t.clone().requires_grad_() for t in proj + state + rmem]
-    p2, st2, rm2 = leaves2[:8], leaves2[8:11], leaves2[11:]
-    out2, final2 = split_oracle(p2, dones, st2, tick, index, rm2, rtick)
-    loss2 = sum((w * t).sum() for w, t in zip(weights, (out2, *final2)))
-    grads2 = torch.autograd.grad(loss2, leaves2)
 
+@pytest.mark.parametrize("case", ["agalite-r2", "agalite-r5", "galite"])
+def test_restart_equals_split_rows_with_gradients(case):
+    if case == "galite":
+        proj, dones, state, index, rmem = galite_case(seed=1)
+        tick = rtick = None
+        recurrence = galite_recurrence
+    else:
+        r = int(case[-1])
+        proj, dones, state, tick, index, rmem, rtick = restart_case(r, seed=r)
+        recurrence = agalite_recurrence
+    n = len(state)
+    ticks = lambda tk: () if tk is None else (tk,)  # noqa: E731 - GaLiTe has none
+
+    def restarted(leaves):
+        p, st, rm = leaves[:8], leaves[8 : 8 + n], leaves[8 + n :]
+        return recurrence(*p, dones, *st, *ticks(tick), restart=(index, *rm, *ticks(rtick)), backend="reference")
+
+    def split(leaves):
+        p, st, rm = leaves[:8], leaves[8 : 8 + n], leaves[8 + n :]
+        return split_oracle(p, dones, st, tick, index, rm, rtick, recurrence=recurrence)
+
+    out, final, grads = weighted_grads(restarted, proj + state + rmem)
+    out2, final2, grads2 = weighted_grads(split, proj + state + rmem)
     torch.testing.assert_close(out, out2, rtol=1e-12, atol=1e-12)
     for a, b in zip(final, final2):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     for i, (a, b) in enumerate(zip(grads, grads2)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"gradient of leaf {i}")
     # Row 0 restarts at t = 0: nothing of its incoming state reaches the result.
-    assert all(float(gr[0].abs().max()) == 0 for gr in grads[8:11])
-    assert all(float(gr.abs().max()) > 0 for gr in grads[11:])  # every restart memory is used
+    assert all(float(gr[0].abs().max()) == 0 for gr in grads[8 : 8 + n])
+    assert all(float(gr.abs().max()) > 0 for gr in grads[8 + n :])  # every restart memory is used
 
 
 @pytest.mark.interpret
@@ -129,14 +145,11 @@ def test_restart_kernel_matches_reference_with_gradients(steps):
     proj, dones, state, tick, index, rmem, rtick = restart_case(4, seed=3)
     proj, state, rmem = ([t.float() for t in group] for group in (proj, state, rmem))
     proj, dones, index = [p[:, :steps] for p in proj], dones[:, :steps], index[:, :steps]
-    results = []
-    for backend in ("reference", "triton"):
-        leaves = [t.clone().requires_grad_() for t in proj + state + rmem]
-        out, final = agalite_recurrence(*leaves[:8], dones, *leaves[8:11], tick, restart=(index, *leaves[11:], rtick),
-                                        backend=backend)  # fmt: skip
-        g = torch.Generator().manual_seed(1)
-        loss = sum((torch.randn(t.shape, generator=g) * t).sum() for t in (out, *final))
-        results.append((out, final, torch.autograd.grad(loss, leaves)))
+    results = [
+        weighted_grads(lambda v, backend=backend: agalite_recurrence(
+            *v[:8], dones, *v[8:11], tick, restart=(index, *v[11:], rtick), backend=backend), proj + state + rmem, seed=1)
+        for backend in ("reference", "triton")
+    ]  # fmt: skip
     (o1, f1, g1), (o2, f2, g2) = results
     torch.testing.assert_close(o2, o1, rtol=1e-5, atol=1e-5)
     for a, b in zip(f2, f1):
@@ -203,30 +216,6 @@ def galite_case(seed: int, nu: int = 3):
                 torch.rand(batch, H, nu * D, generator=g, dtype=torch.float64)]  # fmt: skip
 
     return proj, dones, mem(B), index, mem(N)
-
-
-def test_galite_restart_equals_split_rows_with_gradients():
-    proj, dones, state, index, rmem = galite_case(seed=1)
-    results = []
-    for run in ("restart", "split"):
-        leaves = [t.clone().requires_grad_() for t in proj + state + rmem]
-        p, st, rm = leaves[:8], leaves[8:10], leaves[10:]
-        if run == "restart":
-            out, final = galite_recurrence(*p, dones, *st, restart=(index, *rm), backend="reference")
-        else:
-            out, final = split_oracle(p, dones, st, None, index, rm, None, recurrence=galite_recurrence)
-        g = torch.Generator().manual_seed(9)
-        loss = sum((torch.randn(t.shape, generator=g, dtype=t.dtype) * t).sum() for t in (out, *final))
-        results.append((out, final, torch.autograd.grad(loss, leaves)))
-    (out, final, grads), (out2, final2, grads2) = results
-    torch.testing.assert_close(out, out2, rtol=1e-12, atol=1e-12)
-    for a, b in zip(final, final2):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    for i, (a, b) in enumerate(zip(grads, grads2)):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"gradient of leaf {i}")
-    # Row 0 restarts at t = 0: nothing of its incoming state reaches the result; every restart row is used.
-    assert all(float(gr[0].abs().max()) == 0 for gr in grads[8:10])
-    assert all(float(gr.abs().max()) > 0 for gr in grads[10:])
 
 
 def test_galite_slots_step_equals_those_rows_alone():
@@ -407,6 +396,13 @@ def test_model_restart_equals_running_from_the_restart_state(batch_first, kind):
         assert final.tick.tolist() == [2**50 + 3, state.tick[1].item() + 6, 1 + 2]
     y.square().sum().backward()
     assert all(t.grad is not None and float(t.grad.abs().max()) > 0 for t in rs.memories())
+    # One step (B,): rows 0 and 2 restart, bitwise a step from the state with those rows replaced.
+    with torch.no_grad():
+        one = torch.tensor([True, False, True])
+        y1, s1 = model(x[:, 0], state, dones[:, 0], restart=one, restart_state=rs.select(slice(0, 2)).detach())
+        mixed = type(state).cat([rs.select(0).detach(), state.select(1), rs.select(1).detach()])
+        y2, s2 = model(x[:, 0], mixed, dones[:, 0])
+    assert torch.equal(y1, y2) and all(torch.equal(a, c) for a, c in zip(s1, s2))
 
 
 @pytest.mark.parametrize("kind", KINDS)
