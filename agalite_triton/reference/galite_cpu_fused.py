@@ -22,7 +22,7 @@ from .cpu_fused import HEADER, _addr, _chunk, _flat_strides, _layout, _proj_read
 __all__ = ["build_info", "fresh_build_seconds", "galite_fused_recurrence", "usable"]
 
 SOURCE = Path(__file__).with_name("galite_cpu_fused.cpp")
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 Memory = tuple[torch.Tensor, torch.Tensor]
 
@@ -44,6 +44,7 @@ class _Args(ctypes.Structure):
         ("out_stride", ctypes.c_int64 * 3),
         ("ckpt", ctypes.c_void_p),
         ("chunk", ctypes.c_int64),
+        ("readout", ctypes.c_void_p),
         ("grad_out", ctypes.c_void_p),
         ("grad_final", ctypes.c_void_p * 2),
         ("grad_proj", ctypes.c_void_p * 8),
@@ -198,18 +199,20 @@ class _GaLiTeFused(torch.autograd.Function):
         dest = tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in memory_in)
         out = torch.empty(batch, steps, heads, dim, dtype=compute)
         a = _forward_args(list(proj), dones, eps, memory_in, dest, out, index, memories)
-        a.ckpt, a.chunk = ckpt.data_ptr(), chunk
+        # Each step's <C_j, Q> and <s, Q> + eps: the backward reads them instead of recomputing the dots.
+        readout = torch.empty(batch, steps, heads, dim + 1, dtype=compute)
+        a.ckpt, a.chunk, a.readout = ckpt.data_ptr(), chunk, readout.data_ptr()
         _call("forward", compute, a)
         ctx.eps, ctx.chunk = eps, chunk
         ctx.has_dones, ctx.has_restart = dones is not None, index is not None
         extra = (() if dones is None else (dones,)) + (() if index is None else (index, *memories))
-        ctx.save_for_backward(ckpt, *proj, *memory_in, *extra)
+        ctx.save_for_backward(ckpt, readout, *proj, *memory_in, *extra)
         return out, *dest
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, grad_c, grad_s):
-        ckpt, *rest = ctx.saved_tensors
+        ckpt, readout, *rest = ctx.saved_tensors
         proj, memory_in, rest = rest[:8], rest[8:10], rest[10:]
         dones = rest.pop(0) if ctx.has_dones else None
         index, memories = (rest[0], tuple(rest[1:])) if ctx.has_restart else (None, ())
@@ -222,7 +225,7 @@ class _GaLiTeFused(torch.autograd.Function):
         grads = [torch.empty(p.shape, dtype=compute) for p in proj]
         a.grad_proj[:] = [g.data_ptr() for g in grads]
         a.grad_proj_stride[:] = _flat_strides(_layout(grads))
-        a.ckpt, a.chunk = ckpt.data_ptr(), ctx.chunk
+        a.ckpt, a.chunk, a.readout = ckpt.data_ptr(), ctx.chunk, readout.data_ptr()
         a.grad_out = grad_out.data_ptr()
         for i, g in enumerate(finals):
             a.grad_final[i] = _addr(g)
