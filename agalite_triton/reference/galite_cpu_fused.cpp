@@ -196,8 +196,10 @@ inline void update_row(S* dst, const S* src, const S* __restrict x, const S* __r
 // <C_j, Q> and <s, Q> + eps, and out (or null) the read-out num / den; without, only the memory moves (the
 // backward's recompute, which reads the forward's num and den).
 template <bool kDot, typename S>
-void step(const Args& a, const Gates<S>& g, const HeadMem<S>& src, const HeadMem<S>& dst, S* num, S* out) {
+void step(const Args& a, const Gates<S>& g, const HeadMem<S>& src, const HeadMem<S>& dst, S* num, S* out,
+          const S* ahead = nullptr) {
     const int64_t d = a.d, k = a.d * a.nu;
+    constexpr int64_t line = 64 / sizeof(S);
     double acc[kLanes];
     std::fill(acc, acc + kLanes, 0.0);
     // s_t = K G + keep (1 - G) s: the reference's x + a h with a = keep (1 - G) (da + db a = a exactly).
@@ -205,6 +207,8 @@ void step(const Args& a, const Gates<S>& g, const HeadMem<S>& src, const HeadMem
     if (kDot) num[d] = static_cast<S>(hsum(acc)) + static_cast<S>(a.eps);
     for (int64_t j = 0; j < d; ++j) {
         if (kDot) std::fill(acc, acc + kLanes, 0.0);
+        if (ahead != nullptr)
+            for (int64_t x = 0; x < k; x += line) __builtin_prefetch(ahead + j * k + x, 1);
         update_row<kDot>(dst.c + j * k, src.c + j * k, g.kg, g.omg, g.qd, acc, g.vin[j], g.dca[j], g.dcb[j], k);
         if (kDot) num[j] = static_cast<S>(hsum(acc));
     }
@@ -242,7 +246,14 @@ void forward(const Args& a) {
                 g.compute(a, n, t, h);
                 S* out = static_cast<S*>(a.out) + n * a.out_stride[0] + t * a.out_stride[1] + h * a.out_stride[2];
                 S* num = a.readout ? static_cast<S*>(a.readout) + ((n * a.t + t) * a.h + h) * (a.d + 1) : scratch;
-                step<true>(a, g, cur, dst, num, out);
+                // A one-step call streams every head's memory once: fetch the next head's rows while this one
+                // computes (the hardware prefetcher restarts at every head).
+                const S* ahead = nullptr;
+                if (a.t == 1 && item + 1 < items) {
+                    const int64_t nn = (item + 1) / a.h, row_n = a.slots ? a.slots[nn] : nn;
+                    ahead = mem_of<S>(a, in_base, a.state_in_stride, row_n, (item + 1) % a.h).c;
+                }
+                step<true>(a, g, cur, dst, num, out, ahead);
             }
         }
     }
