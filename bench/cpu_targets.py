@@ -93,10 +93,18 @@ def run_galite_case(case: str, path: str) -> str:
         model = build(gtrxl_specs([128], ["kv_cache" if case.startswith("rollout") else None])[0], INPUT_DIM, cpu)
     else:
         model = GaLiTe.from_preset("galite-tmaze", INPUT_DIM, backend="reference")
+    floor = ""
     if case.startswith("rollout"):
         batch = int(case.split("-")[1])
-        t = measure(inference_step(model, batch, INPUT_DIM, cpu, torch.float32, 0.01), cpu, budget_s=3.0)
+        step = inference_step(model, batch, INPUT_DIM, cpu, torch.float32, 0.01)
+        t = measure(step, cpu, budget_s=3.0)
         n, unit = batch, "env-steps/s"
+        if isinstance(model, GaLiTe) and batch >= 1024:
+            # The floor of a memory-bound step, in this process right after it: the state read and written once.
+            src = [torch.full_like(x, 0.5) for x in model.initial_state(batch).memories()]  # pages touched
+            dst = [torch.empty_like(x) for x in src]
+            copy = measure(lambda: [d.copy_(x) for d, x in zip(dst, src)], cpu, budget_s=2.0)
+            floor = f"; state copy {copy.median_s * 1e3:.1f} ms, step / copy {t.median_s / copy.median_s:.2f}"
     else:
         batch, steps = 16, 128
         gen = torch.Generator().manual_seed(0)
@@ -112,7 +120,7 @@ def run_galite_case(case: str, path: str) -> str:
         t = measure(train, cpu, budget_s=5.0)
         n, unit = batch * steps, "samples/s"
     rates = f"{n / t.median_s:,.0f} {unit} (p20 {n / t.p80_s:,.0f}, p80 {n / t.p20_s:,.0f}"
-    return f"{rates}; median {t.median_s * 1e3:.1f} ms)"
+    return f"{rates}; median {t.median_s * 1e3:.1f} ms{floor})"
 
 
 def galite_state_floor_s(batch: int = 1024) -> tuple[float, float]:

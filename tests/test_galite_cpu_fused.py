@@ -72,6 +72,23 @@ def test_inference_matches_eager(B, T, H, D, nu, dtype):
 
 
 @needs_library
+def test_odd_inputs_match_eager():
+    """No dones, 0/1 floating dones, bfloat16 projections (float32 memory), and a memory that is not
+    row-major (a transposed view) stepped into a destination that is not either."""
+    _, proj, dones, memory = case(3, 4, 2, 6, 2, seed=7)
+    c_t = memory[0].transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, column-major (D, K)
+    with torch.no_grad():
+        for d in (None, dones.float()):
+            assert_close_all(run(True, proj, d, memory), run(False, proj, d, memory), TOL[torch.float32])
+        half = [p.bfloat16() for p in proj]
+        # The same float32 maths on the same inputs; the outputs may round to neighbouring bfloat16 values.
+        assert_close_all(run(True, half, dones, memory), run(False, half, dones, memory), 1e-2)
+        dest = (torch.empty_like(c_t), memory[1].clone())
+        fused = run(True, proj, dones, [c_t, memory[1]], final_out=dest)
+        assert_close_all(fused, run(False, proj, dones, memory), TOL[torch.float32])
+
+
+@needs_library
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("T,nu,views", [(1, 3, True), (23, 1, False), (23, 3, True)])
 def test_gradients_match_eager(T, nu, views, dtype, monkeypatch):
