@@ -81,14 +81,8 @@ struct Gates {
     void compute(const Args& a, int64_t n, int64_t t, int64_t h) {
         const int64_t d = a.d, nu = a.nu;
         const S* p[8];
-        for (int i = 0; i < 8; ++i)
-            p[i] = static_cast<const S*>(a.proj[i]) + n * a.proj_stride[i][0] + t * a.proj_stride[i][1] +
-                   h * a.proj_stride[i][2];
-        const int64_t at = n * a.dones_stride[0] + t * a.dones_stride[1];
-        const S done = a.dones == nullptr ? S(0)
-                       : a.dones_bool    ? S(static_cast<const uint8_t*>(a.dones)[at] != 0)
-                                         : static_cast<const S*>(a.dones)[at];
-        keep = S(1) - done;
+        proj_rows(a.proj, a.proj_stride, n, t, h, p);
+        keep = keep_at<S>(a, n, t);
         sigmoid_pair(p[4], sg, sng, d);
         sigmoid_pair(p[3], sb, snb, d);
         sigmoid_pair(p[7], sp3, snp3, nu);
@@ -342,12 +336,8 @@ void bwd_projections(const Args& a, const Gates<S>& g, BackWork<S>& w, int64_t n
     const int64_t d = a.d, nu = a.nu;
     const S* p[8];
     S* gp[8];
-    for (int i = 0; i < 8; ++i) {
-        p[i] = static_cast<const S*>(a.proj[i]) + n * a.proj_stride[i][0] + t * a.proj_stride[i][1] +
-               h * a.proj_stride[i][2];
-        gp[i] = static_cast<S*>(a.grad_proj[i]) + n * a.grad_proj_stride[i][0] + t * a.grad_proj_stride[i][1] +
-                h * a.grad_proj_stride[i][2];
-    }
+    proj_rows(a.proj, a.proj_stride, n, t, h, p);
+    proj_rows(a.grad_proj, a.grad_proj_stride, n, t, h, gp);
     std::fill(w.gsp3, w.gsp3 + nu, S(0));
     std::fill(w.gsnp3, w.gsnp3 + nu, S(0));
     std::fill(w.gkb, w.gkb + nu, S(0));

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
-from .cpp_library import CppLibrary, cpu_call_ok
+from .cpp_library import CppLibrary
 from .cpu_fused import HEADER, _addr, _chunk, _flat_strides, _layout, _proj_ready, _row_major_inner
 
 __all__ = ["build_info", "fresh_build_seconds", "galite_fused_recurrence", "usable"]
@@ -74,9 +74,7 @@ fresh_build_seconds = _library.fresh_build_seconds
 _reset_for_tests = _library.reset_for_tests
 
 
-def usable(keys: torch.Tensor, dones: torch.Tensor | None) -> bool:
-    """Whether a GaLiTe reference call with these inputs takes the fused path (and, first time, builds it)."""
-    return cpu_call_ok(keys, dones) and _library.load() is not None
+usable = _library.usable
 
 
 def _call(kind: str, compute: torch.dtype, a: _Args) -> None:
