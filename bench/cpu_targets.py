@@ -32,13 +32,14 @@ from agalite_triton import AGaLiTe, GaLiTe
 from .environment import load_average, pin_threads
 from .roofline import copy_bandwidth
 from .systems import build, gtrxl_specs, training_state
-from .timing import measure
+from .timing import Timing, measure
 from .workloads import inference_step
 
 INPUT_DIM = 32
 CASES = ("rollout-in-place", "rollout-out-of-place", "train")
 PATHS = ("fused", "eager")
 GALITE_CASES = ("rollout-64", "rollout-1024", "train")
+TRAIN_B, TRAIN_T = 16, 128
 GALITE_PATHS = ("fused", "eager", "gtrxl")
 TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 
@@ -67,20 +68,24 @@ def run_case(case: str, path: str = "fused") -> str:
             t = measure(step, cpu, budget_s=3.0)
         n, unit = batch, "env-steps/s"
     else:
-        batch, steps = 16, 128
-        xs = torch.randn(batch, steps, INPUT_DIM, generator=gen)
-        ds = torch.rand(batch, steps, generator=gen) < 0.01
-        st = model.initial_state(batch)
+        st = model.initial_state(TRAIN_B)
         st = st._replace(tilde_k=torch.rand(st.tilde_k.shape, generator=gen), s=torch.rand(st.s.shape, generator=gen))
-
-        def train() -> None:
-            model.zero_grad(set_to_none=True)
-            y, _ = model(xs, st, ds)
-            y.square().mean().backward()
-
-        t = measure(train, cpu, budget_s=5.0)
-        n, unit = batch * steps, "samples/s"
+        t = _time_training(model, st, gen)
+        n, unit = TRAIN_B * TRAIN_T, "samples/s"
     return f"{n / t.median_s:,.0f} {unit} (p20 {n / t.p80_s:,.0f}, p80 {n / t.p20_s:,.0f})"
+
+
+def _time_training(model: torch.nn.Module, state: object, gen: torch.Generator) -> Timing:
+    """Forward + backward over a (TRAIN_B, TRAIN_T) segment from ``state``, new gradients every call."""
+    xs = torch.randn(TRAIN_B, TRAIN_T, INPUT_DIM, generator=gen)
+    ds = torch.rand(TRAIN_B, TRAIN_T, generator=gen) < 0.01
+
+    def train() -> None:
+        model.zero_grad(set_to_none=True)
+        y, _ = model(xs, state, ds)
+        y.square().mean().backward()
+
+    return measure(train, torch.device("cpu"), budget_s=5.0)
 
 
 def run_galite_case(case: str, path: str) -> str:
@@ -106,19 +111,8 @@ def run_galite_case(case: str, path: str) -> str:
             copy = measure(lambda: [d.copy_(x) for d, x in zip(dst, src)], cpu, budget_s=2.0)
             floor = f"; state copy {copy.median_s * 1e3:.1f} ms, step / copy {t.median_s / copy.median_s:.2f}"
     else:
-        batch, steps = 16, 128
-        gen = torch.Generator().manual_seed(0)
-        xs = torch.randn(batch, steps, INPUT_DIM, generator=gen)
-        ds = torch.rand(batch, steps, generator=gen) < 0.01
-        st = training_state(model, batch, cpu)
-
-        def train() -> None:
-            model.zero_grad(set_to_none=True)
-            y, _ = model(xs, st, ds)
-            y.square().mean().backward()
-
-        t = measure(train, cpu, budget_s=5.0)
-        n, unit = batch * steps, "samples/s"
+        t = _time_training(model, training_state(model, TRAIN_B, cpu), torch.Generator().manual_seed(0))
+        n, unit = TRAIN_B * TRAIN_T, "samples/s"
     rates = f"{n / t.median_s:,.0f} {unit} (p20 {n / t.p80_s:,.0f}, p80 {n / t.p20_s:,.0f}"
     return f"{rates}; median {t.median_s * 1e3:.1f} ms{floor})"
 

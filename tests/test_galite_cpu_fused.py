@@ -8,8 +8,6 @@ otherwise; sizes are odd (D not a power of two, nu 1 and 3) and the initial memo
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -17,7 +15,7 @@ from agalite_triton import galite_recurrence
 from agalite_triton.reference import cpu_fused, galite_cpu_fused
 from agalite_triton.reference.galite_recurrence import galite_reference_recurrence
 
-from .test_cpu_fused import err, views_of
+from .test_cpu_fused import assert_falls_back, err, views_of
 
 TOL = {torch.float32: 1e-6, torch.float64: 1e-12}
 GRAD_TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
@@ -236,31 +234,6 @@ def test_no_compile_per_shape():
 
 
 def test_switched_off_and_unavailable_fall_back_to_eager(monkeypatch, tmp_path):
-    state_before = galite_cpu_fused.build_info()["state"]
     _, proj, dones, memory = case(2, 3, 2, 4, 2)
-    with torch.no_grad(), cpu_fused.forced(False):
-        eager, _ = galite_reference_recurrence(*proj, dones, *memory)
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the fused path ran")
-
-    with torch.no_grad():
-        with monkeypatch.context() as m:
-            m.setenv("AGALITE_CPU_FUSED", "0")
-            m.setattr(galite_cpu_fused, "galite_fused_recurrence", refuse)
-            assert torch.equal(galite_reference_recurrence(*proj, dones, *memory)[0], eager)
-        # No compiler and nothing cached: exactly one warning naming the source, then the eager result.
-        galite_cpu_fused._reset_for_tests()
-        try:
-            with monkeypatch.context() as m:
-                m.setenv("CXX", str(tmp_path / "no-such-compiler"))
-                m.setenv("AGALITE_CPU_CACHE", str(tmp_path / "cache"))
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    outs = [galite_reference_recurrence(*proj, dones, *memory)[0] for _ in range(3)]
-                fused_warnings = [w for w in caught if issubclass(w.category, cpu_fused.FusedUnavailableWarning)]
-                assert len(fused_warnings) == 1 and "galite_cpu_fused.cpp" in str(fused_warnings[0].message)
-                assert all(torch.equal(o, eager) for o in outs)
-        finally:
-            galite_cpu_fused._reset_for_tests()
-    assert galite_cpu_fused.build_info()["state"] == state_before
+    assert_falls_back(galite_cpu_fused, "galite_fused_recurrence",
+                      lambda: galite_reference_recurrence(*proj, dones, *memory)[0], monkeypatch, tmp_path)  # fmt: skip
