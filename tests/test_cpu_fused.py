@@ -235,19 +235,27 @@ def test_bitwise_the_same_whatever_the_thread_count():
     """Each (env, head) is one thread's work in a fixed order: outputs, states and gradients do not
     depend on how many threads share the call (the shapes are large enough to run in parallel)."""
     z, _, dones, state, tick = case(32, 9, 2, 16, 3, 2, seed=31)
+
+    def run() -> list[torch.Tensor]:
+        zz = z.clone().requires_grad_()
+        out, final = reference_recurrence(*views_of(zz, 2, 16, 3), dones, *state, tick)
+        (grad,) = torch.autograd.grad(out.square().sum() + final[0].sum(), zz)
+        return [out, *final, grad]
+
+    assert_same_at_one_and_two_threads(run)
+
+
+def assert_same_at_one_and_two_threads(run) -> None:
+    """``run()`` (a list of tensors) gives bitwise the same tensors with 1 and 2 torch threads."""
     threads = torch.get_num_threads()
     runs = []
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            zz = z.clone().requires_grad_()
-            proj = views_of(zz, 2, 16, 3)
-            out, final = reference_recurrence(*proj, dones, *state, tick)
-            (grad,) = torch.autograd.grad(out.square().sum() + final[0].sum(), zz)
-            runs.append([out, *final, grad])
+            runs.append(run())
     finally:
         torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
 @needs_library

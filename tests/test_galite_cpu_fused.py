@@ -15,7 +15,7 @@ from agalite_triton import galite_recurrence
 from agalite_triton.reference import cpu_fused, galite_cpu_fused
 from agalite_triton.reference.galite_recurrence import galite_reference_recurrence
 
-from .test_cpu_fused import assert_falls_back, err, views_of
+from .test_cpu_fused import assert_falls_back, assert_same_at_one_and_two_threads, err, views_of
 
 TOL = {torch.float32: 1e-6, torch.float64: 1e-12}
 GRAD_TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
@@ -206,18 +206,14 @@ def test_bitwise_the_same_whatever_the_thread_count():
     """Each (env, head) is one thread's work in a fixed order: outputs, memories and gradients do not
     depend on how many threads share the call (the shapes are large enough to run in parallel)."""
     z, _, dones, memory = case(8, 5, 2, 16, 2, seed=31)
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            zz = z.clone().requires_grad_()
-            out, final = galite_reference_recurrence(*views_of(zz, 2, 16, 2), dones, *memory)
-            (grad,) = torch.autograd.grad(out.square().sum() + final[0].sum(), zz)
-            runs.append([out, *final, grad])
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+    def run() -> list[torch.Tensor]:
+        zz = z.clone().requires_grad_()
+        out, final = galite_reference_recurrence(*views_of(zz, 2, 16, 2), dones, *memory)
+        (grad,) = torch.autograd.grad(out.square().sum() + final[0].sum(), zz)
+        return [out, *final, grad]
+
+    assert_same_at_one_and_two_threads(run)
 
 
 @needs_library
