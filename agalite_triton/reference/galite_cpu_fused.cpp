@@ -150,16 +150,23 @@ constexpr int lanes() {
     return 64 / sizeof(S);
 }
 
-// The lanes of an accumulator summed in a fixed order, in double.
+// The lanes of an accumulator summed in a fixed order: halves added pairwise (vector adds, where a
+// sequential sum over 16 lanes would cost as much as the row itself).
 template <typename S>
-inline double lane_sum(const S* acc) {
-    double total = 0.0;
-    for (int l = 0; l < lanes<S>(); ++l) total += static_cast<double>(acc[l]);
-    return total;
+inline S lane_sum(const S* acc) {
+    S t[lanes<S>()];
+    std::memcpy(t, acc, sizeof t);
+    for (int w = lanes<S>() / 2; w >= 1; w /= 2)
+        for (int l = 0; l < w; ++l) t[l] = t[l] + t[l + w];
+    return t[0];
 }
 
+// Partial sums of a row's dot product: 16, so that the float update runs 16 lanes wide (two registers
+// of double accumulators).
+constexpr int kRowLanes = 16;
+
 // dst[k] = x_scale * x[k] + (da + db * dc[k]) * src[k] over one K-row (dst may be src), and with kDot
-// acc[l] += dst[k] * qd[k] for k = l mod kLanes, in double: one pass that updates a memory row and forms
+// acc[l] += dst[k] * qd[k] for k = l mod kRowLanes, in double: one pass that updates a memory row and forms
 // its part of <row, Q>. The s row is the same update with da = 0, db = 1, dc = keep (1 - G), x_scale = 1.
 // Double sums keep <C_j, Q> and <s, Q> consistent to far below float rounding: the gradient of a factor
 // that scales Q (p2 with nu = 1) is a cancellation of the two, and would otherwise be mostly rounding.
@@ -171,10 +178,10 @@ inline void update_row(S* dst, const S* src, const S* __restrict x, const S* __r
         return;
     }
     int64_t i = 0;
-    for (; i + kLanes <= len; i += kLanes) {
-        S v[kLanes];
-        for (int l = 0; l < kLanes; ++l) v[l] = x_scale * x[i + l] + (da + db * dc[i + l]) * src[i + l];
-        for (int l = 0; l < kLanes; ++l) {
+    for (; i + kRowLanes <= len; i += kRowLanes) {
+        S v[kRowLanes];
+        for (int l = 0; l < kRowLanes; ++l) v[l] = x_scale * x[i + l] + (da + db * dc[i + l]) * src[i + l];
+        for (int l = 0; l < kRowLanes; ++l) {
             dst[i + l] = v[l];
             acc[l] += static_cast<double>(v[l]) * qd[i + l];
         }
@@ -186,6 +193,15 @@ inline void update_row(S* dst, const S* src, const S* __restrict x, const S* __r
     }
 }
 
+// The kRowLanes partial sums of a row's dot product, added pairwise.
+inline double row_sum(const double* acc) {
+    double t[kRowLanes];
+    std::memcpy(t, acc, sizeof t);
+    for (int w = kRowLanes / 2; w >= 1; w /= 2)
+        for (int l = 0; l < w; ++l) t[l] = t[l] + t[l + w];
+    return t[0];
+}
+
 // One step of one head: src -> dst (they may be the same memory). With kDot, num[0..D) and num[D] receive
 // <C_j, Q> and <s, Q> + eps, and out (or null) the read-out num / den; without, only the memory moves (the
 // backward's recompute, which reads the forward's num and den).
@@ -194,17 +210,17 @@ void step(const Args& a, const Gates<S>& g, const HeadMem<S>& src, const HeadMem
           const S* ahead = nullptr) {
     const int64_t d = a.d, k = a.d * a.nu;
     constexpr int64_t line = 64 / sizeof(S);
-    double acc[kLanes];
-    std::fill(acc, acc + kLanes, 0.0);
+    double acc[kRowLanes];
+    std::fill(acc, acc + kRowLanes, 0.0);
     // s_t = K G + keep (1 - G) s: the reference's x + a h with a = keep (1 - G) (da + db a = a exactly).
     update_row<kDot>(dst.s, src.s, g.kg, g.ds, g.qd, acc, S(1), S(0), S(1), k);
-    if (kDot) num[d] = static_cast<S>(hsum(acc)) + static_cast<S>(a.eps);
+    if (kDot) num[d] = static_cast<S>(row_sum(acc)) + static_cast<S>(a.eps);
     for (int64_t j = 0; j < d; ++j) {
-        if (kDot) std::fill(acc, acc + kLanes, 0.0);
+        if (kDot) std::fill(acc, acc + kRowLanes, 0.0);
         if (ahead != nullptr)
             for (int64_t x = 0; x < k; x += line) __builtin_prefetch(ahead + j * k + x, 1);
         update_row<kDot>(dst.c + j * k, src.c + j * k, g.kg, g.omg, g.qd, acc, g.vin[j], g.dca[j], g.dcb[j], k);
-        if (kDot) num[j] = static_cast<S>(hsum(acc));
+        if (kDot) num[j] = static_cast<S>(row_sum(acc));
     }
     if (!kDot || out == nullptr) return;
     for (int64_t j = 0; j < d; ++j) out[j] = num[j] / num[d];
@@ -444,9 +460,9 @@ void backward(const Args& a) {
                     for (int64_t j = 0; j < d; ++j) {
                         bwd_row(gc + j * k, w.gomg, w.gkg, w.gq, racc, prev.c + j * k, cur.c + j * k, g.q, g.omg,
                                 g.kg, go[j] / den, g.dca[j], g.dcb[j], g.vin[j], k);
-                        w.gsnb[j] = g.keep * static_cast<S>(lane_sum(racc));
-                        w.gsb[j] = g.keep * static_cast<S>(lane_sum(racc + L));
-                        w.gvin[j] = static_cast<S>(lane_sum(racc + 2 * L));
+                        w.gsnb[j] = g.keep * lane_sum(racc);
+                        w.gsb[j] = g.keep * lane_sum(racc + L);
+                        w.gvin[j] = lane_sum(racc + 2 * L);
                     }
                     bwd_projections(a, g, w, n, t, h);
                     // A restart before step t: the gradient of the memory it started from goes to that restart
