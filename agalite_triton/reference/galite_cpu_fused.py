@@ -182,8 +182,9 @@ def galite_fused_recurrence(
 
 
 class _GaLiTeFused(torch.autograd.Function):
-    """Forward stores the memory at the start of every chunk of steps; backward recomputes each chunk
-    from it (in a per-thread buffer) and walks it backwards: nothing of size (B, T) x memory is saved.
+    """Forward stores the memory at the start of every chunk of steps, and each step's read-out dots (the
+    size of the output); backward recomputes each chunk's memories from its checkpoint (in a per-thread
+    buffer) and walks it backwards: nothing of size (B, T) x memory is saved.
     With restarts (``index`` not None) the two restart memories follow the memory and receive gradients."""
 
     @staticmethod
