@@ -7,13 +7,15 @@ and copy bandwidth, beside the measured step time.
   batch size, and a square 2048^3 product; GFLOP/s = 2 m n k / time, best of the repetitions;
 * copy bandwidth: ``dst.copy_(src)`` of 64 MiB (bytes read + bytes written per second), and of 4 MiB
   (cache-resident);
-* the step itself, for AGaLiTe-paper (fused and eager reference, in place), LSTM-600 and GTrXL-128
-  with its KV cache, as ``python -m bench`` runs them.
+* the step itself, for AGaLiTe-paper (fused and eager reference, in place), GaLiTe-tmaze (fused, in
+  place), LSTM-600 and GTrXL-128 with its KV cache, as ``python -m bench`` runs them.
 
 and prints, per system, the matmul FLOPs, the minimum bytes a step must move (the recurrent state read
 and written, the weights read once, the per-layer projections written and read back), the two lower
 bounds they give and the measured time. Bytes of the elementwise temporaries are not counted: the bound
-is what no implementation of the same model can avoid.
+is what no implementation of the same model can avoid. GaLiTe's recurrence also does elementwise work on
+every memory entry (about 7 FLOPs per entry and step, printed apart from the matmuls); its state, about
+0.5 MiB per environment, makes its step bound by memory.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ from typing import Any
 
 import torch
 
-from agalite_triton import PRESETS
+from agalite_triton import GALITE_PRESETS, PRESETS
 from agalite_triton.reference import cpu_fused
 
 from .environment import load_average, pin_threads
-from .systems import GTRXL_SIZE, agalite_specs, build, gtrxl_specs, lstm_specs
+from .systems import GTRXL_SIZE, agalite_specs, build, galite_specs, gtrxl_specs, lstm_specs
 from .workloads import inference_step
 
 INPUT_DIM = 64
@@ -58,15 +60,52 @@ def _median(fn: Callable[[], object], reps: int = 30, warmup: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _layer_tail(batch: int, d: int, ffc: int) -> list[tuple[int, int, int]]:
+    """The matmuls every encoder layer has after its attention: two GRU gates and the FFN."""
+    return [(batch, d, 3 * d), (batch, d, 2 * d), (batch, d, d)] * 2 + [(batch, d, ffc), (batch, ffc, d)]
+
+
 def agalite_matmuls(batch: int, cfg: dict[str, int], input_dim: int = INPUT_DIM) -> list[tuple[int, int, int]]:
     """(m, k, n) of every matmul of one AGaLiTe step (all layers), in order."""
     d, h, dh, eta, ffc = cfg["d_model"], cfg["n_heads"], cfg["d_head"], cfg["eta"], cfg["d_ffc"]
     shapes = [(batch, input_dim, d)]  # embedding of the first layer
     for _ in range(cfg["n_layers"]):
         shapes += [(batch, d, 5 * h * dh + 3 * h * eta), (batch, h * dh, d)]  # in_proj, project
-        shapes += [(batch, d, 3 * d), (batch, d, 2 * d), (batch, d, d)] * 2  # two GRU gates
-        shapes += [(batch, d, ffc), (batch, ffc, d)]  # FFN
+        shapes += _layer_tail(batch, d, ffc)
     return shapes
+
+
+def galite_matmuls(batch: int, cfg: dict[str, int], input_dim: int = INPUT_DIM) -> list[tuple[int, int, int]]:
+    """(m, k, n) of every matmul of one GaLiTe step (all layers): in_proj, one query projection per head,
+    project, then the layer's gates and FFN."""
+    d, h, dh, nu, ffc = cfg["d_model"], cfg["n_heads"], cfg["d_head"], cfg["nu"], cfg["d_ffc"]
+    shapes = [(batch, input_dim, d)]
+    for _ in range(cfg["n_layers"]):
+        shapes += [(batch, d, 5 * h * dh + 2 * h * nu), *[(batch, dh, dh + nu)] * h, (batch, h * dh, d)]
+        shapes += _layer_tail(batch, d, ffc)
+    return shapes
+
+
+def galite_state_bytes(batch: int, cfg: dict[str, int]) -> int:
+    """GaLiTe's memories at ``batch``: per layer and head C (D, nu D) and s (nu D), float32."""
+    k = cfg["nu"] * cfg["d_head"]
+    return cfg["n_layers"] * cfg["n_heads"] * (cfg["d_head"] * k + k) * F32 * batch
+
+
+def galite_bytes(batch: int, cfg: dict[str, int], input_dim: int = INPUT_DIM) -> int:
+    """Bytes a one-step in-place GaLiTe call must move: the memories read and written, every weight read
+    once, each layer's projections (in_proj and the queries) written and read back by the recurrence."""
+    h, dh, nu = cfg["n_heads"], cfg["d_head"], cfg["nu"]
+    weights = sum(k * n for _, k, n in galite_matmuls(1, cfg, input_dim)) * F32
+    projections = cfg["n_layers"] * (5 * h * dh + 2 * h * nu + h * (dh + nu)) * F32 * batch
+    return 2 * galite_state_bytes(batch, cfg) + weights + 2 * projections
+
+
+def galite_recurrence_gflops(batch: int, cfg: dict[str, int]) -> float:
+    """Elementwise FLOPs of GaLiTe's recurrence per step: per memory entry the decay (2), its product with
+    the entry (1), the input (1) and their sum (1), and the read-out's dot product (2)."""
+    k = cfg["nu"] * cfg["d_head"]
+    return 7 * cfg["n_layers"] * cfg["n_heads"] * (cfg["d_head"] + 1) * k * batch / 1e9
 
 
 def agalite_bytes(batch: int, cfg: dict[str, int], input_dim: int = INPUT_DIM) -> int:
@@ -126,6 +165,8 @@ def _steps(batch: int) -> dict[str, float]:
             fused_step()
 
     systems["AGaLiTe-paper [reference, eager]"] = eager
+    galite = build(galite_specs(["reference"])[0], INPUT_DIM, cpu)
+    systems["GaLiTe-tmaze [reference]"] = inference_step(galite, batch, INPUT_DIM, cpu, torch.float32, 0.01)
     lstm = build(lstm_specs()[2], INPUT_DIM, cpu)
     systems["LSTM-600"] = inference_step(lstm, batch, INPUT_DIM, cpu, torch.float32, 0.01)
     gtrxl = build(gtrxl_specs([128], ["kv_cache"])[0], INPUT_DIM, cpu)
@@ -147,10 +188,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     threads = pin_threads(args.threads)
-    batch, cfg = args.batch, PRESETS["paper"]
+    batch, cfg, gcfg = args.batch, PRESETS["paper"], GALITE_PRESETS["galite-tmaze"]
     print(f"torch {torch.__version__}, threads {threads}, B = {batch}, load average at start {load_average()}")
-    ag_shapes, lstm_shapes = agalite_matmuls(batch, cfg), lstm_matmuls(batch)
-    rates = sgemm_rates(ag_shapes + lstm_shapes + [(2048, 2048, 2048)])
+    ag_shapes, ga_shapes, lstm_shapes = agalite_matmuls(batch, cfg), galite_matmuls(batch, gcfg), lstm_matmuls(batch)
+    rates = sgemm_rates(ag_shapes + ga_shapes + lstm_shapes + [(2048, 2048, 2048)])
     for (m, k, n), rate in rates.items():
         print(f"  sgemm {m}x{k} @ {k}x{n}: {rate:6.1f} GFLOP/s")
     bw_dram, bw_cache = copy_bandwidth(64), copy_bandwidth(4)
@@ -162,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     steps = _steps(batch)
     rows = [
         ("AGaLiTe-paper", gflops(ag_shapes), mm_time(ag_shapes), agalite_bytes(batch, cfg)),
+        ("GaLiTe-tmaze", gflops(ga_shapes), mm_time(ga_shapes), galite_bytes(batch, gcfg)),
         ("LSTM-600", gflops(lstm_shapes), mm_time(lstm_shapes), lstm_bytes(batch)),
         ("GTrXL-128 [kv_cache]", None, None, gtrxl_kv_bytes(batch)),
     ]
@@ -175,6 +217,12 @@ def main(argv: list[str] | None = None) -> None:
             mm_ms = "-" if mm_s is None else f"{mm_s * 1e3:.1f} ms"
             print(f"{label:34s} {gf_s:>7s} {mm_ms:>20s} {nbytes / 1e6:9.1f} {nbytes / (bw_dram * 1e9) * 1e3:15.1f} ms"
                   f" {measured * 1e3:11.1f} ms")  # fmt: skip
+    state_s = 2 * galite_state_bytes(batch, gcfg) / (bw_dram * 1e9)
+    measured = steps["GaLiTe-tmaze [reference]"]
+    bound = "memory" if galite_bytes(batch, gcfg) / (bw_dram * 1e9) > mm_time(ga_shapes) else "the matmuls"
+    print(f"GaLiTe-tmaze: recurrence {galite_recurrence_gflops(batch, gcfg):.2f} GFLOP elementwise; its state "
+          f"({galite_state_bytes(batch, gcfg) / 2**20:.0f} MiB) read + written once at the 64 MiB copy bandwidth: "
+          f"{state_s * 1e3:.1f} ms; the measured step is {measured / state_s:.2f}x that; bound by {bound}")
     print(f"load average at end {load_average()}")
 
 

@@ -235,19 +235,27 @@ def test_bitwise_the_same_whatever_the_thread_count():
     """Each (env, head) is one thread's work in a fixed order: outputs, states and gradients do not
     depend on how many threads share the call (the shapes are large enough to run in parallel)."""
     z, _, dones, state, tick = case(32, 9, 2, 16, 3, 2, seed=31)
+
+    def run() -> list[torch.Tensor]:
+        zz = z.clone().requires_grad_()
+        out, final = reference_recurrence(*views_of(zz, 2, 16, 3), dones, *state, tick)
+        (grad,) = torch.autograd.grad(out.square().sum() + final[0].sum(), zz)
+        return [out, *final, grad]
+
+    assert_same_at_one_and_two_threads(run)
+
+
+def assert_same_at_one_and_two_threads(run) -> None:
+    """``run()`` (a list of tensors) gives bitwise the same tensors with 1 and 2 torch threads."""
     threads = torch.get_num_threads()
     runs = []
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            zz = z.clone().requires_grad_()
-            proj = views_of(zz, 2, 16, 3)
-            out, final = reference_recurrence(*proj, dones, *state, tick)
-            (grad,) = torch.autograd.grad(out.square().sum() + final[0].sum(), zz)
-            runs.append([out, *final, grad])
+            runs.append(run())
     finally:
         torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
 @needs_library
@@ -264,11 +272,13 @@ def test_no_compile_per_shape_or_tick():
     assert cpu_fused.build_info()["compiles"] == compiles
 
 
-def test_switched_off_and_unavailable_fall_back_to_eager(monkeypatch, tmp_path):
-    state_before = cpu_fused.build_info()["state"]
-    _, proj, dones, state, tick = case(2, 3, 2, 4, 2, 2)
+def assert_falls_back(module, entry: str, call, monkeypatch, tmp_path) -> None:
+    """``call()`` (an output) of a fused ``module`` whose entry point is ``entry``: with AGALITE_CPU_FUSED=0
+    the fused path never runs; with no compiler and nothing cached, one warning naming the source, then
+    the eager result on every call; the library's state is restored after."""
+    state_before = module.build_info()["state"]
     with torch.no_grad(), cpu_fused.forced(False):
-        eager, _ = reference_recurrence(*proj, dones, *state, tick)
+        eager = call()
 
     def refuse(*args, **kwargs):
         raise AssertionError("the fused path ran")
@@ -276,24 +286,30 @@ def test_switched_off_and_unavailable_fall_back_to_eager(monkeypatch, tmp_path):
     with torch.no_grad():
         with monkeypatch.context() as m:
             m.setenv("AGALITE_CPU_FUSED", "0")
-            m.setattr(cpu_fused, "fused_recurrence", refuse)
-            assert torch.equal(reference_recurrence(*proj, dones, *state, tick)[0], eager)
-        # No compiler and nothing cached: exactly one warning, then the eager result on every call.
-        cpu_fused._reset_for_tests()
+            m.setattr(module, entry, refuse)
+            assert torch.equal(call(), eager)
+        module._reset_for_tests()
         try:
             with monkeypatch.context() as m:
                 m.setenv("CXX", str(tmp_path / "no-such-compiler"))
                 m.setenv("AGALITE_CPU_CACHE", str(tmp_path / "cache"))
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    outs = [reference_recurrence(*proj, dones, *state, tick)[0] for _ in range(3)]
+                    outs = [call() for _ in range(3)]
                 fused_warnings = [w for w in caught if issubclass(w.category, cpu_fused.FusedUnavailableWarning)]
                 assert len(fused_warnings) == 1 and "eager reference" in str(fused_warnings[0].message)
+                assert module.SOURCE.name in str(fused_warnings[0].message)
                 assert all(torch.equal(o, eager) for o in outs)
-                assert cpu_fused.build_info()["state"] == "unavailable"
+                assert module.build_info()["state"] == "unavailable"
         finally:
-            cpu_fused._reset_for_tests()
-    assert cpu_fused.build_info()["state"] == state_before
+            module._reset_for_tests()
+    assert module.build_info()["state"] == state_before
+
+
+def test_switched_off_and_unavailable_fall_back_to_eager(monkeypatch, tmp_path):
+    _, proj, dones, state, tick = case(2, 3, 2, 4, 2, 2)
+    assert_falls_back(cpu_fused, "fused_recurrence", lambda: reference_recurrence(*proj, dones, *state, tick)[0],
+                      monkeypatch, tmp_path)  # fmt: skip
 
 
 def test_eager_path_matches_naive():

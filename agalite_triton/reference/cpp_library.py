@@ -187,6 +187,10 @@ class CppLibrary:
             )
             return None
 
+    def usable(self, keys: torch.Tensor, dones: torch.Tensor | None) -> bool:
+        """Whether a reference call with these inputs takes this fused path (and, first time, builds it)."""
+        return cpu_call_ok(keys, dones) and self.load() is not None
+
     def build_info(self) -> dict[str, Any]:
         """Build (or load) the library now and say how it went: ``state`` ("ready" or "unavailable"),
         ``seconds`` (build or load time in this process), ``cached`` (found built), ``path``, ``flags``,

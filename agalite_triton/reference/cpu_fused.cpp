@@ -91,14 +91,8 @@ struct Gates {
         const int64_t residue = a.residues ? a.residues[n * a.t + t] : (residue0 + t + 1) % a.period;
         const int64_t d = a.d, eta = a.eta;
         const S* p[8];
-        for (int i = 0; i < 8; ++i)
-            p[i] = static_cast<const S*>(a.proj[i]) + n * a.proj_stride[i][0] + t * a.proj_stride[i][1] +
-                   h * a.proj_stride[i][2];
-        const int64_t at = n * a.dones_stride[0] + t * a.dones_stride[1];
-        const S done = a.dones == nullptr ? S(0)
-                       : a.dones_bool    ? S(static_cast<const uint8_t*>(a.dones)[at] != 0)
-                                         : static_cast<const S*>(a.dones)[at];
-        keep = S(1) - done;
+        proj_rows(a.proj, a.proj_stride, n, t, h, p);
+        keep = keep_at<S>(a, n, t);
         sigmoid_pair(p[4], sg, sng, d);
         sigmoid_pair(p[3], sb, snb, d);
         sigmoid_pair(p[7], sp3, snp3, eta);
@@ -509,12 +503,8 @@ void backward(const Args& a) {
                     // Factor gradients into the projections (sigma' = sigma(x) sigma(-x), as the reference).
                     const S* p[8];
                     S* gp[8];
-                    for (int i = 0; i < 8; ++i) {
-                        p[i] = static_cast<const S*>(a.proj[i]) + n * a.proj_stride[i][0] +
-                               t * a.proj_stride[i][1] + h * a.proj_stride[i][2];
-                        gp[i] = static_cast<S*>(a.grad_proj[i]) + n * a.grad_proj_stride[i][0] +
-                                t * a.grad_proj_stride[i][1] + h * a.grad_proj_stride[i][2];
-                    }
+                    proj_rows(a.proj, a.proj_stride, n, t, h, p);
+                    proj_rows(a.grad_proj, a.grad_proj_stride, n, t, h, gp);
                     const S keep = g.keep;
                     bwd_head_inputs(gp[0], gp[1], gp[2], gp[3], gp[4], p[0], p[1], p[2], gkb, gqb,
                                     gvin, gdv, gsng, g.sg, g.sng, g.sb,

@@ -28,7 +28,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..oscillator import oscillator_period, oscillator_table, step_residues
-from .cpp_library import CppLibrary, FusedUnavailableWarning, cpu_call_ok, enabled, forced
+from .cpp_library import CppLibrary, FusedUnavailableWarning, enabled, forced
 
 __all__ = [
     "FusedUnavailableWarning",
@@ -102,9 +102,7 @@ fresh_build_seconds = _library.fresh_build_seconds
 _reset_for_tests = _library.reset_for_tests
 
 
-def usable(keys: torch.Tensor, dones: torch.Tensor | None) -> bool:
-    """Whether a reference call with these inputs takes the fused path (and, first time, builds it)."""
-    return cpu_call_ok(keys, dones) and _library.load() is not None
+usable = _library.usable
 
 
 def _addr(t: torch.Tensor | None) -> int | None:

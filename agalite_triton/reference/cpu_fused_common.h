@@ -86,6 +86,24 @@ inline void dot_acc(double* acc, const S* x, const S* y, int64_t len) {
     for (int l = 0; i + l < len; ++l) acc[l] += static_cast<double>(x[i + l]) * static_cast<double>(y[i + l]);
 }
 
+// Row (n, t, h) of each of the eight projections (or of their gradients): base pointers and element
+// strides of (n, t, h), the last dim contiguous.
+template <typename S, typename V>
+inline void proj_rows(V* const* base, const int64_t (*stride)[3], int64_t n, int64_t t, int64_t h, S** rows) {
+    for (int i = 0; i < 8; ++i)
+        rows[i] = static_cast<S*>(base[i]) + n * stride[i][0] + t * stride[i][1] + h * stride[i][2];
+}
+
+// 1 - done of (n, t): dones bool (read as bytes) or in the compute dtype, or none (Args of either library).
+template <typename S, typename A>
+inline S keep_at(const A& a, int64_t n, int64_t t) {
+    if (a.dones == nullptr) return S(1);
+    const int64_t at = n * a.dones_stride[0] + t * a.dones_stride[1];
+    const S done =
+        a.dones_bool ? S(static_cast<const uint8_t*>(a.dones)[at] != 0) : static_cast<const S*>(a.dones)[at];
+    return S(1) - done;
+}
+
 inline int64_t floor_mod(int64_t a, int64_t p) {
     const int64_t m = a % p;
     return m < 0 ? m + p : m;

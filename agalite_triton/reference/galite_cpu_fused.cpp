@@ -42,6 +42,9 @@ struct Args {
     int64_t out_stride[3];
     void* ckpt;  // (N, C, H, W), W = D*K + K: the memory before steps 0, chunk, 2*chunk, ...; or null
     int64_t chunk;
+    // (N, T, H, D + 1): <C_j, Q> and <s, Q> + eps of every step, written by the training forward and read
+    // by the backward, which then recomputes the memories only; or null.
+    void* readout;
     // Backward only.
     const void* grad_out;  // (N, T, H, D) contiguous
     const void* grad_final[2];  // memory-shaped, contiguous, each may be null (zero)
@@ -78,14 +81,8 @@ struct Gates {
     void compute(const Args& a, int64_t n, int64_t t, int64_t h) {
         const int64_t d = a.d, nu = a.nu;
         const S* p[8];
-        for (int i = 0; i < 8; ++i)
-            p[i] = static_cast<const S*>(a.proj[i]) + n * a.proj_stride[i][0] + t * a.proj_stride[i][1] +
-                   h * a.proj_stride[i][2];
-        const int64_t at = n * a.dones_stride[0] + t * a.dones_stride[1];
-        const S done = a.dones == nullptr ? S(0)
-                       : a.dones_bool    ? S(static_cast<const uint8_t*>(a.dones)[at] != 0)
-                                         : static_cast<const S*>(a.dones)[at];
-        keep = S(1) - done;
+        proj_rows(a.proj, a.proj_stride, n, t, h, p);
+        keep = keep_at<S>(a, n, t);
         sigmoid_pair(p[4], sg, sng, d);
         sigmoid_pair(p[3], sb, snb, d);
         sigmoid_pair(p[7], sp3, snp3, nu);
@@ -147,17 +144,44 @@ inline int64_t width(const Args& a) { return a.d * a.nu * (a.d + 1); }
 
 inline int64_t chunks(const Args& a) { return (a.t + a.chunk - 1) / a.chunk; }
 
-// dst[k] = x_scale * x[k] + (da + db * dc[k]) * src[k] over one K-row (dst may be src), and
-// acc[l] += dst[k] * qd[k] for k = l mod kLanes, in double: one pass that updates a memory row and forms
-// its part of <row, Q>. The s row is the same update with da = 0, db = 1, dc = keep (1 - G), x_scale = 1.
+// Independent accumulators of a row's dot products: one 64-byte register of S.
 template <typename S>
+constexpr int lanes() {
+    return 64 / sizeof(S);
+}
+
+// The lanes of an accumulator summed in a fixed order: halves added pairwise (vector adds, where a
+// sequential sum over 16 lanes would cost as much as the row itself).
+template <typename S>
+inline S lane_sum(const S* acc) {
+    S t[lanes<S>()];
+    std::memcpy(t, acc, sizeof t);
+    for (int w = lanes<S>() / 2; w >= 1; w /= 2)
+        for (int l = 0; l < w; ++l) t[l] = t[l] + t[l + w];
+    return t[0];
+}
+
+// Partial sums of a row's dot product: 16, so that the float update runs 16 lanes wide (two registers
+// of double accumulators).
+constexpr int kRowLanes = 16;
+
+// dst[k] = x_scale * x[k] + (da + db * dc[k]) * src[k] over one K-row (dst may be src), and with kDot
+// acc[l] += dst[k] * qd[k] for k = l mod kRowLanes, in double: one pass that updates a memory row and forms
+// its part of <row, Q>. The s row is the same update with da = 0, db = 1, dc = keep (1 - G), x_scale = 1.
+// Double sums keep <C_j, Q> and <s, Q> consistent to far below float rounding: the gradient of a factor
+// that scales Q (p2 with nu = 1) is a cancellation of the two, and would otherwise be mostly rounding.
+template <bool kDot, typename S>
 inline void update_row(S* dst, const S* src, const S* __restrict x, const S* __restrict dc,
                        const double* __restrict qd, double* __restrict acc, S x_scale, S da, S db, int64_t len) {
+    if (!kDot) {
+        for (int64_t i = 0; i < len; ++i) dst[i] = x_scale * x[i] + (da + db * dc[i]) * src[i];
+        return;
+    }
     int64_t i = 0;
-    for (; i + kLanes <= len; i += kLanes) {
-        S v[kLanes];
-        for (int l = 0; l < kLanes; ++l) v[l] = x_scale * x[i + l] + (da + db * dc[i + l]) * src[i + l];
-        for (int l = 0; l < kLanes; ++l) {
+    for (; i + kRowLanes <= len; i += kRowLanes) {
+        S v[kRowLanes];
+        for (int l = 0; l < kRowLanes; ++l) v[l] = x_scale * x[i + l] + (da + db * dc[i + l]) * src[i + l];
+        for (int l = 0; l < kRowLanes; ++l) {
             dst[i + l] = v[l];
             acc[l] += static_cast<double>(v[l]) * qd[i + l];
         }
@@ -169,24 +193,37 @@ inline void update_row(S* dst, const S* src, const S* __restrict x, const S* __r
     }
 }
 
-// One step of one head: src -> dst (they may be the same memory); num (D,) and den receive <C_j, Q> and
-// <s, Q> + eps; out (or null) the read-out num / den.
-template <typename S>
-void step(const Args& a, const Gates<S>& g, const HeadMem<S>& src, const HeadMem<S>& dst, S* num, S& den,
-          S* out) {
+// The kRowLanes partial sums of a row's dot product, added pairwise.
+inline double row_sum(const double* acc) {
+    double t[kRowLanes];
+    std::memcpy(t, acc, sizeof t);
+    for (int w = kRowLanes / 2; w >= 1; w /= 2)
+        for (int l = 0; l < w; ++l) t[l] = t[l] + t[l + w];
+    return t[0];
+}
+
+// One step of one head: src -> dst (they may be the same memory). With kDot, num[0..D) and num[D] receive
+// <C_j, Q> and <s, Q> + eps, and out (or null) the read-out num / den; without, only the memory moves (the
+// backward's recompute, which reads the forward's num and den).
+template <bool kDot, typename S>
+void step(const Args& a, const Gates<S>& g, const HeadMem<S>& src, const HeadMem<S>& dst, S* num, S* out,
+          const S* ahead = nullptr) {
     const int64_t d = a.d, k = a.d * a.nu;
-    double acc[kLanes];
-    std::fill(acc, acc + kLanes, 0.0);
+    constexpr int64_t line = 64 / sizeof(S);
+    double acc[kRowLanes];
+    std::fill(acc, acc + kRowLanes, 0.0);
     // s_t = K G + keep (1 - G) s: the reference's x + a h with a = keep (1 - G) (da + db a = a exactly).
-    update_row(dst.s, src.s, g.kg, g.ds, g.qd, acc, S(1), S(0), S(1), k);
-    den = static_cast<S>(hsum(acc)) + static_cast<S>(a.eps);
+    update_row<kDot>(dst.s, src.s, g.kg, g.ds, g.qd, acc, S(1), S(0), S(1), k);
+    if (kDot) num[d] = static_cast<S>(row_sum(acc)) + static_cast<S>(a.eps);
     for (int64_t j = 0; j < d; ++j) {
-        std::fill(acc, acc + kLanes, 0.0);
-        update_row(dst.c + j * k, src.c + j * k, g.kg, g.omg, g.qd, acc, g.vin[j], g.dca[j], g.dcb[j], k);
-        num[j] = static_cast<S>(hsum(acc));
+        if (kDot) std::fill(acc, acc + kRowLanes, 0.0);
+        if (ahead != nullptr)
+            for (int64_t x = 0; x < k; x += line) __builtin_prefetch(ahead + j * k + x, 1);
+        update_row<kDot>(dst.c + j * k, src.c + j * k, g.kg, g.omg, g.qd, acc, g.vin[j], g.dca[j], g.dcb[j], k);
+        if (kDot) num[j] = static_cast<S>(row_sum(acc));
     }
-    if (out == nullptr) return;
-    for (int64_t j = 0; j < d; ++j) out[j] = num[j] / den;
+    if (!kDot || out == nullptr) return;
+    for (int64_t j = 0; j < d; ++j) out[j] = num[j] / num[d];
 }
 
 template <typename S>
@@ -201,8 +238,7 @@ void forward(const Args& a) {
         Arena& ar = tl_arena;
         ar.reset();
         Gates<S> g(ar, a.d, a.nu);
-        S* num = ar.take<S>(a.d);
-        S den;
+        S* scratch = ar.take<S>(a.d + 1);
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; ++item) {
             const int64_t n = item / a.h, h = item % a.h;
@@ -219,7 +255,15 @@ void forward(const Args& a) {
                 const HeadMem<S> cur = m < 0 ? carried : mem_of<S>(a, restart_base, a.restart_stride, m, h);
                 g.compute(a, n, t, h);
                 S* out = static_cast<S*>(a.out) + n * a.out_stride[0] + t * a.out_stride[1] + h * a.out_stride[2];
-                step(a, g, cur, dst, num, den, out);
+                S* num = a.readout ? static_cast<S*>(a.readout) + ((n * a.t + t) * a.h + h) * (a.d + 1) : scratch;
+                // A one-step call streams every head's memory once: fetch the next head's rows while this one
+                // computes (the hardware prefetcher restarts at every head).
+                const S* ahead = nullptr;
+                if (a.t == 1 && item + 1 < items) {
+                    const int64_t nn = (item + 1) / a.h, row_n = a.slots ? a.slots[nn] : nn;
+                    ahead = mem_of<S>(a, in_base, a.state_in_stride, row_n, (item + 1) % a.h).c;
+                }
+                step<true>(a, g, cur, dst, num, out, ahead);
             }
         }
     }
@@ -230,36 +274,61 @@ void forward(const Args& a) {
 // racc[0] += g1 C_{t-1}[j, k] (d decay / d dca_j), racc[1] += g1 C_{t-1} (1 - G_k) (d / d dcb_j),
 // racc[2] += g1 K G_k (d / d vin_j), and over rows the column sums gomg += g1 C_{t-1} dcb_j,
 // gkg += g1 vin_j, gq += gN_j C_t[j].
+// One 64-byte register of S (GCC / Clang vector extension: elementwise IEEE operations, so the same
+// rounding as scalar code; loads and stores through memcpy are unaligned).
+template <typename S>
+struct Vec {
+    typedef S type __attribute__((vector_size(64)));
+};
+
+template <typename S>
+inline typename Vec<S>::type vload(const S* p) {
+    typename Vec<S>::type v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+template <typename S>
+inline void vstore(S* p, typename Vec<S>::type v) {
+    std::memcpy(p, &v, sizeof v);
+}
+
 template <typename S>
 inline void bwd_row(S* __restrict gc, S* __restrict gomg, S* __restrict gkg, S* __restrict gq,
-                    double* __restrict racc, const S* __restrict c0, const S* __restrict c1,
+                    S* __restrict racc, const S* __restrict c0, const S* __restrict c1,
                     const S* __restrict q, const S* __restrict omg, const S* __restrict kg, S gn, S dca, S dcb,
                     S vin, int64_t len) {
+    typedef typename Vec<S>::type V;
+    constexpr int L = lanes<S>();
+    V a0 = {}, a1 = {}, a2 = {};
     int64_t i = 0;
-    for (; i + kLanes <= len; i += kLanes) {
-        for (int l = 0; l < kLanes; ++l) {
-            const S g1 = gc[i + l] + gn * q[i + l];
-            const S gdc = g1 * c0[i + l];
-            racc[l] += static_cast<double>(gdc);
-            racc[kLanes + l] += static_cast<double>(gdc * omg[i + l]);
-            racc[2 * kLanes + l] += static_cast<double>(g1 * kg[i + l]);
-            gomg[i + l] = gomg[i + l] + gdc * dcb;
-            gkg[i + l] = gkg[i + l] + g1 * vin;
-            gq[i + l] = gq[i + l] + gn * c1[i + l];
-            gc[i + l] = (dca + dcb * omg[i + l]) * g1;
-        }
+    for (; i + L <= len; i += L) {
+        const V g1 = vload(gc + i) + gn * vload(q + i);
+        const V gdc = g1 * vload(c0 + i);
+        const V om = vload(omg + i);
+        a0 += gdc;
+        a1 += gdc * om;
+        a2 += g1 * vload(kg + i);
+        vstore(gomg + i, vload(gomg + i) + gdc * dcb);
+        vstore(gkg + i, vload(gkg + i) + g1 * vin);
+        vstore(gq + i, vload(gq + i) + gn * vload(c1 + i));
+        vstore(gc + i, (dca + dcb * om) * g1);
     }
     for (int l = 0; i + l < len; ++l) {
-        const S g1 = gc[i + l] + gn * q[i + l];
-        const S gdc = g1 * c0[i + l];
-        racc[l] += static_cast<double>(gdc);
-        racc[kLanes + l] += static_cast<double>(gdc * omg[i + l]);
-        racc[2 * kLanes + l] += static_cast<double>(g1 * kg[i + l]);
-        gomg[i + l] = gomg[i + l] + gdc * dcb;
-        gkg[i + l] = gkg[i + l] + g1 * vin;
-        gq[i + l] = gq[i + l] + gn * c1[i + l];
-        gc[i + l] = (dca + dcb * omg[i + l]) * g1;
+        const int64_t x = i + l;
+        const S g1 = gc[x] + gn * q[x];
+        const S gdc = g1 * c0[x];
+        a0[l] += gdc;
+        a1[l] += gdc * omg[x];
+        a2[l] += g1 * kg[x];
+        gomg[x] = gomg[x] + gdc * dcb;
+        gkg[x] = gkg[x] + g1 * vin;
+        gq[x] = gq[x] + gn * c1[x];
+        gc[x] = (dca + dcb * omg[x]) * g1;
     }
+    vstore(racc, a0);
+    vstore(racc + L, a1);
+    vstore(racc + 2 * L, a2);
 }
 
 // Per-thread scratch of the backward.
@@ -283,12 +352,8 @@ void bwd_projections(const Args& a, const Gates<S>& g, BackWork<S>& w, int64_t n
     const int64_t d = a.d, nu = a.nu;
     const S* p[8];
     S* gp[8];
-    for (int i = 0; i < 8; ++i) {
-        p[i] = static_cast<const S*>(a.proj[i]) + n * a.proj_stride[i][0] + t * a.proj_stride[i][1] +
-               h * a.proj_stride[i][2];
-        gp[i] = static_cast<S*>(a.grad_proj[i]) + n * a.grad_proj_stride[i][0] + t * a.grad_proj_stride[i][1] +
-                h * a.grad_proj_stride[i][2];
-    }
+    proj_rows(a.proj, a.proj_stride, n, t, h, p);
+    proj_rows(a.grad_proj, a.grad_proj_stride, n, t, h, gp);
     std::fill(w.gsp3, w.gsp3 + nu, S(0));
     std::fill(w.gsnp3, w.gsnp3 + nu, S(0));
     std::fill(w.gkb, w.gkb + nu, S(0));
@@ -342,11 +407,10 @@ void backward(const Args& a) {
         BackWork<S> w(ar, d, nu);
         S* states = ar.take<S>((a.chunk + 1) * wd);  // the memory before each step of a chunk, and after its last
         S* rbuf = ar.take<S>(wd);  // a restart memory, packed, when a step starts from one
-        S* num_t = ar.take<S>(a.chunk * d);
-        S* den_t = ar.take<S>(a.chunk);
         S* gc = ar.take<S>(d * k);
         S* gs = ar.take<S>(k);
-        double racc[3 * kLanes];
+        constexpr int L = lanes<S>();
+        S racc[3 * L];
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; ++item) {
             const int64_t n = item / a.h, h = item % a.h;
@@ -366,8 +430,8 @@ void backward(const Args& a) {
                         prev = packed(rbuf, d, k);
                         copy_mem(mem_of<S>(a, restart_base, a.restart_stride, m, h), prev, d, k);
                     }
-                    step(a, g, prev, packed(states + (t - t0 + 1) * wd, d, k), num_t + (t - t0) * d, den_t[t - t0],
-                         static_cast<S*>(nullptr));
+                    step<false>(a, g, prev, packed(states + (t - t0 + 1) * wd, d, k), static_cast<S*>(nullptr),
+                                static_cast<S*>(nullptr));
                 }
                 for (int64_t t = t1 - 1; t >= t0; --t) {
                     g.compute(a, n, t, h);
@@ -378,8 +442,8 @@ void backward(const Args& a) {
                         copy_mem(mem_of<S>(a, restart_base, a.restart_stride, rr, h), prev, d, k);
                     }
                     const HeadMem<S> cur = packed(states + (t - t0 + 1) * wd, d, k);
-                    const S* num = num_t + (t - t0) * d;
-                    const S den = den_t[t - t0];
+                    const S* num = static_cast<const S*>(a.readout) + ((n * a.t + t) * a.h + h) * (d + 1);
+                    const S den = num[d];
                     const S* go = static_cast<const S*>(a.grad_out) + ((n * a.t + t) * a.h + h) * d;
                     // out = num / den: d num = go / den, d den = -sum go num / den^2 (the forward's out).
                     double dot = 0.0;
@@ -394,12 +458,11 @@ void backward(const Args& a) {
                         gs[x] = g.ds[x] * g1;
                     }
                     for (int64_t j = 0; j < d; ++j) {
-                        std::fill(racc, racc + 3 * kLanes, 0.0);
                         bwd_row(gc + j * k, w.gomg, w.gkg, w.gq, racc, prev.c + j * k, cur.c + j * k, g.q, g.omg,
                                 g.kg, go[j] / den, g.dca[j], g.dcb[j], g.vin[j], k);
-                        w.gsnb[j] = g.keep * static_cast<S>(hsum(racc));
-                        w.gsb[j] = g.keep * static_cast<S>(hsum(racc + kLanes));
-                        w.gvin[j] = static_cast<S>(hsum(racc + 2 * kLanes));
+                        w.gsnb[j] = g.keep * lane_sum(racc);
+                        w.gsb[j] = g.keep * lane_sum(racc + L);
+                        w.gvin[j] = lane_sum(racc + 2 * L);
                     }
                     bwd_projections(a, g, w, n, t, h);
                     // A restart before step t: the gradient of the memory it started from goes to that restart
@@ -424,7 +487,7 @@ void backward(const Args& a) {
 }  // namespace
 
 extern "C" {
-int galite_abi_version() { return 1; }
+int galite_abi_version() { return 2; }
 void galite_forward_f32(const Args* a) { forward<float>(*a); }
 void galite_forward_f64(const Args* a) { forward<double>(*a); }
 void galite_backward_f32(const Args* a) { backward<float>(*a); }

@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
-from .cpp_library import CppLibrary, cpu_call_ok
+from .cpp_library import CppLibrary
 from .cpu_fused import HEADER, _addr, _chunk, _flat_strides, _layout, _proj_ready, _row_major_inner
 
 __all__ = ["build_info", "fresh_build_seconds", "galite_fused_recurrence", "usable"]
 
 SOURCE = Path(__file__).with_name("galite_cpu_fused.cpp")
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 Memory = tuple[torch.Tensor, torch.Tensor]
 
@@ -44,6 +44,7 @@ class _Args(ctypes.Structure):
         ("out_stride", ctypes.c_int64 * 3),
         ("ckpt", ctypes.c_void_p),
         ("chunk", ctypes.c_int64),
+        ("readout", ctypes.c_void_p),
         ("grad_out", ctypes.c_void_p),
         ("grad_final", ctypes.c_void_p * 2),
         ("grad_proj", ctypes.c_void_p * 8),
@@ -73,9 +74,7 @@ fresh_build_seconds = _library.fresh_build_seconds
 _reset_for_tests = _library.reset_for_tests
 
 
-def usable(keys: torch.Tensor, dones: torch.Tensor | None) -> bool:
-    """Whether a GaLiTe reference call with these inputs takes the fused path (and, first time, builds it)."""
-    return cpu_call_ok(keys, dones) and _library.load() is not None
+usable = _library.usable
 
 
 def _call(kind: str, compute: torch.dtype, a: _Args) -> None:
@@ -183,8 +182,9 @@ def galite_fused_recurrence(
 
 
 class _GaLiTeFused(torch.autograd.Function):
-    """Forward stores the memory at the start of every chunk of steps; backward recomputes each chunk
-    from it (in a per-thread buffer) and walks it backwards: nothing of size (B, T) x memory is saved.
+    """Forward stores the memory at the start of every chunk of steps, and each step's read-out dots (the
+    size of the output); backward recomputes each chunk's memories from its checkpoint (in a per-thread
+    buffer) and walks it backwards: nothing of size (B, T) x memory is saved.
     With restarts (``index`` not None) the two restart memories follow the memory and receive gradients."""
 
     @staticmethod
@@ -198,18 +198,20 @@ class _GaLiTeFused(torch.autograd.Function):
         dest = tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in memory_in)
         out = torch.empty(batch, steps, heads, dim, dtype=compute)
         a = _forward_args(list(proj), dones, eps, memory_in, dest, out, index, memories)
-        a.ckpt, a.chunk = ckpt.data_ptr(), chunk
+        # Each step's <C_j, Q> and <s, Q> + eps: the backward reads them instead of recomputing the dots.
+        readout = torch.empty(batch, steps, heads, dim + 1, dtype=compute)
+        a.ckpt, a.chunk, a.readout = ckpt.data_ptr(), chunk, readout.data_ptr()
         _call("forward", compute, a)
         ctx.eps, ctx.chunk = eps, chunk
         ctx.has_dones, ctx.has_restart = dones is not None, index is not None
         extra = (() if dones is None else (dones,)) + (() if index is None else (index, *memories))
-        ctx.save_for_backward(ckpt, *proj, *memory_in, *extra)
+        ctx.save_for_backward(ckpt, readout, *proj, *memory_in, *extra)
         return out, *dest
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, grad_c, grad_s):
-        ckpt, *rest = ctx.saved_tensors
+        ckpt, readout, *rest = ctx.saved_tensors
         proj, memory_in, rest = rest[:8], rest[8:10], rest[10:]
         dones = rest.pop(0) if ctx.has_dones else None
         index, memories = (rest[0], tuple(rest[1:])) if ctx.has_restart else (None, ())
@@ -222,7 +224,7 @@ class _GaLiTeFused(torch.autograd.Function):
         grads = [torch.empty(p.shape, dtype=compute) for p in proj]
         a.grad_proj[:] = [g.data_ptr() for g in grads]
         a.grad_proj_stride[:] = _flat_strides(_layout(grads))
-        a.ckpt, a.chunk = ckpt.data_ptr(), ctx.chunk
+        a.ckpt, a.chunk, a.readout = ckpt.data_ptr(), ctx.chunk, readout.data_ptr()
         a.grad_out = grad_out.data_ptr()
         for i, g in enumerate(finals):
             a.grad_final[i] = _addr(g)
