@@ -332,5 +332,5 @@ def keep_chunk_start_states(config: Any) -> Any:
         env_to_module_connector=lambda env=None, spaces=None, device=None: [ChunkStartStatesToModule()],
         module_to_env_connector=lambda env=None, spaces=None: [KeepChunkStartStates()],
     )
-    config.training(learner_connector=lambda obs_space=None, act_space=None: [ChunkStartStatesToLearner()])
+    config.learners(learner_connector=lambda obs_space=None, act_space=None: [ChunkStartStatesToLearner()])
     return config
