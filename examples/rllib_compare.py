@@ -2,10 +2,12 @@
 state RLlib keeps per env step for each preset.
 
     python examples/rllib_compare.py                 # 3 seeds each -> examples/results/rllib_vs_lstm.{csv,json,png}
+    python examples/rllib_compare.py --throughput    # re-times sampling and learning into rllib_vs_lstm.json
     python examples/rllib_compare.py --state-bytes   # -> examples/results/rllib_state_bytes.json
 
 The comparison uses ``examples/rllib_ppo.py``'s models (about equal parameter counts) and settings; every run
-samples the same number of env steps on the same local Ray cluster, one after the other. The state bytes are
+samples the same number of env steps on the same local Ray cluster, one after the other. Throughputs are timed by
+hand (``rllib_ppo.throughput``), not read from RLlib's smoothed timers. The state bytes are
 measured on episodes a local EnvRunner sampled (CartPole, 400 env steps per preset), with RLlib's per-step
 ``STATE_OUT`` and with ``keep_chunk_start_states``.
 """
@@ -42,19 +44,23 @@ def compare(argv: list[str]) -> None:
     args = p.parse_args(argv)
     before = machine()
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-    runs = []
+    runs, speeds = [], []
     try:
         for seed in args.seeds:
             for model in ("agalite", "lstm"):
                 args.model = model
                 runs.append(rllib_ppo.train(args, seed))
+        for model in ("agalite", "lstm"):
+            args.model = model
+            speeds.append(rllib_ppo.throughput(args))
+            print(speeds[-1], flush=True)
     finally:
         ray.shutdown()
     after = machine()
     RESULTS.mkdir(exist_ok=True)
     with open(RESULTS / "rllib_vs_lstm.json", "w") as f:
         json.dump(dict(args={k: v for k, v in vars(args).items() if k != "model"}, machine_before=before,
-                       machine_after=after, runs=runs), f, indent=1)  # fmt: skip
+                       machine_after=after, throughput=speeds, runs=runs), f, indent=1)  # fmt: skip
     with open(RESULTS / "rllib_vs_lstm.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["model", "seed", "params", "env_steps", "episode_return_mean", "wall_s",
@@ -65,6 +71,27 @@ def compare(argv: list[str]) -> None:
                                  point["episode_return_mean"], point["wall_s"], round(run["sampling_env_steps_per_s"]),
                                  round(run["learner_env_steps_per_s"])])  # fmt: skip
     plot(runs, before, after)
+
+
+def throughput_only(argv: list[str]) -> None:
+    """Re-measure the throughputs into an existing ``rllib_vs_lstm.json`` (its settings), with the load."""
+    path = RESULTS / "rllib_vs_lstm.json"
+    data = json.loads(path.read_text())
+    args = rllib_ppo.parser().parse_args([])
+    for key, value in data["args"].items():
+        setattr(args, key, value)
+    before = machine()
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    speeds = []
+    try:
+        for model in ("agalite", "lstm"):
+            args.model = model
+            speeds.append(rllib_ppo.throughput(args))
+            print(speeds[-1], flush=True)
+    finally:
+        ray.shutdown()
+    data.update(throughput=speeds, throughput_machine_before=before, throughput_machine_after=machine())
+    path.write_text(json.dumps(data, indent=1))
 
 
 def plot(runs: list[dict[str, Any]], before: dict[str, Any], after: dict[str, Any]) -> None:
@@ -148,5 +175,7 @@ if __name__ == "__main__":
             state_bytes()
         finally:
             ray.shutdown()
+    elif "--throughput" in sys.argv:
+        throughput_only(sys.argv[1:])
     else:
         compare(sys.argv[1:])

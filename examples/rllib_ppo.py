@@ -106,6 +106,34 @@ def train(args: argparse.Namespace, seed: int, log: bool = True) -> dict[str, An
         algo.stop()
 
 
+def throughput(args: argparse.Namespace, seed: int = 0, rounds: int = 3) -> dict[str, Any]:
+    """Timed by hand, after one warm-up iteration: the remote EnvRunners sampling ``train_batch`` env steps in
+    parallel (env steps/s), and the learner's PPO update on those episodes, its connector pipeline included
+    (env steps trained, over every epoch, per second). Medians over ``rounds``."""
+    algo = make_config(args, seed).build_algo()
+    try:
+        algo.train()
+        per_runner = -(-args.train_batch // max(1, args.env_runners))
+        sampling, learning = [], []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            episodes = [ep for eps in algo.env_runner_group.foreach_env_runner(
+                lambda runner: runner.sample(num_timesteps=per_runner, explore=True), local_env_runner=False)
+                for ep in eps]  # fmt: skip
+            sampled = time.perf_counter() - start
+            steps = sum(len(ep) for ep in episodes)
+            start = time.perf_counter()
+            algo.learner_group.update(episodes=episodes, num_epochs=args.epochs, minibatch_size=args.minibatch,
+                                      timesteps={"num_env_steps_sampled_lifetime": steps})  # fmt: skip
+            learned = time.perf_counter() - start
+            sampling.append(steps / sampled)
+            learning.append(steps * args.epochs / learned)
+        return dict(model=args.model, sampling_env_steps_per_s=statistics.median(sampling),
+                    learner_env_steps_per_s=statistics.median(learning), rounds=rounds)  # fmt: skip
+    finally:
+        algo.stop()
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=("agalite", "lstm"), default="agalite")
