@@ -55,6 +55,7 @@ __all__ = [
     "ChunkStartStatesToModule",
     "KeepChunkStartStates",
     "build_core",
+    "core_class",
     "keep_chunk_start_states",
 ]
 
@@ -69,13 +70,12 @@ CUSTOM_KEY = "agalite_chunk_start_states"
 
 def core_class(name: object) -> type[nn.Module]:
     """The core class ``model_config["core"]`` names."""
-    if name not in CORES:
+    if not isinstance(name, str) or name not in CORES:
         raise ValueError(f"model_config['core']: expected one of {sorted(CORES)}, got {name!r}")
-    package = importlib.import_module("agalite_triton")
-    cls = getattr(package, CORES[name], None)  # type: ignore[index]
+    cls = getattr(importlib.import_module("agalite_triton"), CORES[name], None)
     if cls is None:
         raise ValueError(
-            f"model_config['core']: {name!r} needs agalite_triton.{CORES[name]}, which this installed "  # type: ignore[index]
+            f"model_config['core']: {name!r} needs agalite_triton.{CORES[name]}, which this installed "
             f"agalite_triton does not have; got core={name!r}"
         )
     return cls
@@ -146,8 +146,6 @@ class AGaLiTeRLModule(TorchRLModule, ValueFunctionAPI):
         self.obs_dim = int(np.prod(obs_space.shape))
         self.encoder, core_in = _mlp(config.get("encoder_hiddens") or [], self.obs_dim, "encoder_hiddens")
         self.core = build_core(config.get("core", "agalite"), config.get("core_config", {}), core_in)
-        if not getattr(self.core, "batch_first", True):
-            raise ValueError("model_config['core_config']: expected a batch_first core, got batch_first=False")
         self.pi_hidden, pi_in = _mlp(config.get("head_hiddens") or [], self.core.d_model, "head_hiddens")
         self.vf_hidden, vf_in = _mlp(config.get("head_hiddens") or [], self.core.d_model, "head_hiddens")
         self.pi = nn.Linear(pi_in, dist_inputs)
@@ -225,6 +223,10 @@ class ChunkStartStatesToModule(ConnectorV2):
         batch = self._time(rl_module=rl_module, batch=batch, episodes=episodes, **kwargs)
         for sa_episode in self.single_agent_episode_iterator(episodes, agents_that_stepped_only=True):
             kept = sa_episode.custom_data.get(CUSTOM_KEY)
+            if kept is not None and sa_episode.is_done:
+                # No step follows and the learner reads only the row starts: drop the latest state (this row's
+                # output, for the env's reset step, is discarded).
+                kept["last"] = None
             last = None if kept is None or len(sa_episode) == 0 and sa_episode.t_started == 0 else kept["last"]
             state = _initial(_single_module(rl_module, sa_episode)) if last is None else last
             self.add_batch_item(batch, Columns.STATE_IN, {STATE_KEY: state}, single_agent_episode=sa_episode)
@@ -233,7 +235,8 @@ class ChunkStartStatesToModule(ConnectorV2):
 
 class KeepChunkStartStates(ConnectorV2):
     """Module-to-env piece: takes ``STATE_OUT`` out of what the EnvRunner stores per step, and keeps in
-    ``episode.custom_data`` only the latest state (the next step's ``STATE_IN``) and the states at the steps
+    ``episode.custom_data`` only the latest state (the next step's ``STATE_IN``; dropped by
+    :class:`ChunkStartStatesToModule` once the episode is done) and the states at the steps
     where the learner starts a row: every ``max_seq_len``-th step of the episode chunk, counted from the chunk's
     first step, as RLlib's learner connectors split chunks (including the one bootstrap step PPO appends).
 

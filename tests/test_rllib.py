@@ -171,6 +171,7 @@ def test_ppo_with_two_remote_env_runners_and_the_replay_of_their_episodes(cluste
                 kept = ep.custom_data[CUSTOM_KEY]
                 assert kept["t_started"] == ep.t_started
                 assert sorted(kept["starts"]) == list(range(0, len(ep) + 1, MAX_SEQ_LEN))
+                assert (kept["last"] is None) == ep.is_done
             stored = sum(
                 a.nbytes for ep in episodes for a in {id(a): a for a in [*ep.custom_data[CUSTOM_KEY]["starts"].values(),
                                                                          ep.custom_data[CUSTOM_KEY]["last"]] if a is not None}.values()
