@@ -74,7 +74,8 @@ def _get(result: dict, path: str) -> float:
 
 
 def train(args: argparse.Namespace, seed: int, log: bool = True) -> dict[str, Any]:
-    """One run: the learning curve and the median per-iteration throughputs (first iteration left out)."""
+    """One run: the learning curve, and per-iteration throughputs from RLlib's timers (smoothed by RLlib, so only
+    indicative: :func:`throughput` times them by hand)."""
     algo = make_config(args, seed).build_algo()
     try:
         module = algo.learner_group._learner.module["default_policy"]
