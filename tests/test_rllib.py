@@ -39,9 +39,15 @@ MAX_SEQ_LEN = 8  # short against StatelessCartPole's episodes, so rows start mid
 OBS = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
 
 
-def model_config(r: int, **extra) -> dict:
-    return dict(max_seq_len=MAX_SEQ_LEN, core_config=dict(SIZES, r=r), encoder_hiddens=[16], head_hiddens=[16],
-                **extra)  # fmt: skip
+# GaLiTe (same API as AGaLiTe, nu in place of eta and r): its cases run once agalite_triton.GaLiTe exists.
+GALITE_SIZES = dict(d_model=32, n_layers=1, n_heads=2, d_head=8, d_ffc=32, nu=4)
+NO_GALITE = pytest.mark.skipif(not hasattr(agalite_triton, "GaLiTe"), reason="agalite_triton.GaLiTe not there yet")
+
+
+def model_config(r: int | None, **extra) -> dict:
+    """AGaLiTe with this r, or GaLiTe for r=None."""
+    core = dict(core="agalite", core_config=dict(SIZES, r=r)) if r else dict(core="galite", core_config=GALITE_SIZES)
+    return dict(max_seq_len=MAX_SEQ_LEN, encoder_hiddens=[16], head_hiddens=[16], **core, **extra)
 
 
 def build_module(cls=AGaLiTeRLModule, obs=OBS, act=None, config=None):
@@ -102,7 +108,7 @@ def cluster():
             assert not _alive(started), f"Ray left processes behind: {sorted(_alive(started))}"
 
 
-def build_ppo(r: int, thin: bool):
+def build_ppo(r: int | None, thin: bool):
     config = (
         PPOConfig()
         .environment(StatelessCartPole)
@@ -139,13 +145,17 @@ def replay_error(module, batch) -> tuple[float, float]:
     return errors[0], errors[1]
 
 
-@pytest.mark.parametrize("r,thin", [(2, True), (4, False)], ids=["r2-chunk-start-states", "r4-rllib-per-step-states"])
+@pytest.mark.parametrize("r,thin", [
+    pytest.param(2, True, id="r2-chunk-start-states"),
+    pytest.param(4, False, id="r4-rllib-per-step-states"),
+    pytest.param(None, True, id="galite-chunk-start-states", marks=NO_GALITE),
+])  # fmt: skip
 def test_ppo_with_two_remote_env_runners_and_the_replay_of_their_episodes(cluster, r, thin):
     algo = build_ppo(r, thin)
     try:
         learner = algo.learner_group._learner  # num_learners=0: the learner lives in the driver
         module = learner.module["default_policy"]
-        assert isinstance(module, AGaLiTeRLModule) and module.core.r == r
+        assert isinstance(module, AGaLiTeRLModule) and type(module.core).__name__ == ("AGaLiTe" if r else "GaLiTe")
         before = [p.detach().clone() for p in module.parameters()]
         for _ in range(3):
             result = algo.train()
@@ -260,3 +270,19 @@ def test_preset_and_bad_model_config():
         build_module(obs=gym.spaces.Discrete(3))
     with pytest.raises(ValueError, match=r"action_space: expected a gymnasium Discrete or Box, got MultiDiscrete"):
         build_module(act=gym.spaces.MultiDiscrete([2, 2]))
+
+
+def test_galite_is_looked_up_in_the_package_when_built(monkeypatch):
+    """The "galite" entry needs only agalite_triton.GaLiTe with AGaLiTe's API: a stand-in shows the lookup."""
+
+    class StandIn(AGaLiTe):
+        def __init__(self, input_dim, d_model, n_layers, n_heads, d_head, d_ffc, nu, **kwargs):
+            super().__init__(input_dim, d_model, n_layers, n_heads, d_head, d_ffc, eta=nu, r=2, **kwargs)
+
+    monkeypatch.setattr(agalite_triton, "GaLiTe", StandIn, raising=False)
+    module = build_module(config=model_config(None))
+    assert type(module.core) is StandIn and module.core.eta == GALITE_SIZES["nu"]
+    with torch.no_grad():
+        out = module.forward_train({Columns.OBS: torch.randn(2, 3, 2),
+                                    Columns.STATE_IN: {"state": torch.zeros(2, module.core.state_size)}})  # fmt: skip
+    assert out[Columns.ACTION_DIST_INPUTS].shape == (2, 3, 2)
