@@ -8,8 +8,11 @@ Needs ``pip install -e ".[rllib]"`` (ray[rllib] 2.60.0); ``import agalite_triton
 * ``"core_config"``: the core's constructor arguments without ``input_dim`` (the encoder's output size), or
   ``{"preset": name, **overrides}``;
 * ``"max_seq_len"``: the training rows' length (RLlib's learner connectors split episodes into rows of it);
+  required when the module is built on its own, while inside an algorithm RLlib merges its
+  ``DefaultModelConfig`` (``max_seq_len=20``) under the spec's ``model_config``;
 * optional ``"encoder_hiddens"`` / ``"head_hiddens"`` (tanh MLPs before the core and in each head, default none)
-  and ``"vf_preds_in_exploration"`` (default False: the exploration forward also returns ``VF_PREDS``).
+  and ``"vf_preds_in_exploration"`` (default False; True: the exploration and inference forwards also return
+  ``VF_PREDS``, which the episodes then store, for checking a replay against them).
 
 Box observations (flattened) and Discrete or Box actions (RLlib's default categorical / diagonal Gaussian).
 
