@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-FRAMEWORKS = ("torchrl", "tensordict", "stable_baselines3", "sb3_contrib", "envpool", "gymnasium", "popgym", "gym")
+FRAMEWORKS = ("torchrl", "tensordict", "stable_baselines3", "sb3_contrib", "envpool", "gymnasium", "popgym", "gym", "ray")
 
 
 def test_importing_the_package_imports_no_framework():
