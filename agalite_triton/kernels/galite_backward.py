@@ -32,23 +32,19 @@ import triton.language as tl
 
 from .galite_forward import galite_saved_length
 from .galite_math import (
-    advance_memory,
-    advance_norm,
-    denominator,
-    galite_features,
-    load_key_side,
+    advance,
     load_memory_rows,
     load_norm,
     load_rows,
     load_slot,
-    memory_decay,
-    row_numerators,
+    load_step,
+    readout,
     store_memory_rows,
     store_norm,
     store_slot,
 )
 from .launch import acc_dtype, dones_arg, galite_dims_of, new_output, same_strides
-from .step_math import keep_of, load_vec, sigmoid
+from .step_math import keep_of
 
 __all__ = ["galite_backward"]
 
@@ -122,16 +118,13 @@ def _galite_backward_kernel(
             store_slot(scratch + (t - t0) * SCR, c, s, offs_l, mask_l, BJ, True, pad, FP)
             off_d = b * sd_b + t * sd_t + h * sd_h
             off_e = b * se_b + t * se_t + h * se_h
-            k, q, gam, p1, p2, p3 = load_key_side(k_ptr, q_ptr, gamma_ptr, p1_ptr, p2_ptr, p3_ptr, off_d, off_e,
-                                                  offs_i, mask_i, offs_n, mask_n, ACC)  # fmt: skip
-            v = load_vec(v_ptr + off_d, offs_j, mask_j, ACC)
-            beta = load_vec(beta_ptr + off_d, offs_j, mask_j, ACC)
+            _k, _q, _p1, _p2, v, kg, _query, omg, _g, _sg, _sng, _sp3, _snp3, bgate, bgate_c = load_step(
+                k_ptr, q_ptr, v_ptr, beta_ptr, gamma_ptr, p1_ptr, p2_ptr, p3_ptr, off_d, off_e, offs_i, mask_i,
+                offs_n, mask_n, offs_j, mask_j, mask_in, ACC)  # fmt: skip
             keep = 1.0
             if HAS_DONES:
                 keep = keep_of(done_ptr + b * sn_b + t * sn_t, ACC)
-            kg, query, omg, _gate = galite_features(k, q, gam, p1, p2, p3, mask_in)
-            c = advance_memory(c, kg, omg, v, sigmoid(beta), sigmoid(-beta), keep)
-            s = advance_norm(s, kg, omg, keep)
+            c, s, _decay = advance(c, s, kg, omg, v, bgate, bgate_c, keep)
         # Scratch was written by other threads of this program: make it visible before reading.
         tl.debug_barrier()
 
@@ -140,21 +133,16 @@ def _galite_backward_kernel(
             c_prev, s_prev = load_slot(scratch + (t - t0) * SCR, offs_l, mask_l, BJ, pad, FP)
             off_d = b * sd_b + t * sd_t + h * sd_h
             off_e = b * se_b + t * se_t + h * se_h
-            k, q, gam, p1, p2, p3 = load_key_side(k_ptr, q_ptr, gamma_ptr, p1_ptr, p2_ptr, p3_ptr, off_d, off_e,
-                                                  offs_i, mask_i, offs_n, mask_n, ACC)  # fmt: skip
-            v = load_vec(v_ptr + off_d, offs_j, mask_j, ACC)
-            beta = load_vec(beta_ptr + off_d, offs_j, mask_j, ACC)
+            k, q, p1, p2, v, kg, query, omg, gate, sig_g, sig_ng, sig_p3, sig_np3, bgate, bgate_c = load_step(
+                k_ptr, q_ptr, v_ptr, beta_ptr, gamma_ptr, p1_ptr, p2_ptr, p3_ptr, off_d, off_e, offs_i, mask_i,
+                offs_n, mask_n, offs_j, mask_j, mask_in, ACC)  # fmt: skip
             dout = tl.load(do_ptr + b * sdo_b + t * sdo_t + h * sdo_h + offs_j * sdo_d, mask=mask_j,
                            other=0.0).to(ACC)  # fmt: skip
             keep = 1.0
             if HAS_DONES:
                 keep = keep_of(done_ptr + b * sn_b + t * sn_t, ACC)
-            kg, query, omg, gate = galite_features(k, q, gam, p1, p2, p3, mask_in)
-            bgate, bgate_c = sigmoid(beta), sigmoid(-beta)
-            c = advance_memory(c_prev, kg, omg, v, bgate, bgate_c, keep)
-            s = advance_norm(s_prev, kg, omg, keep)
-            den = denominator(s, query, eps)
-            out = row_numerators(c, query) / den
+            c, s, decay = advance(c_prev, s_prev, kg, omg, v, bgate, bgate_c, keep)
+            out, den = readout(c, s, query, eps)
 
             # Read-out adjoints (dden: this block's rows' share).
             dnum = dout / den
@@ -177,8 +165,6 @@ def _galite_backward_kernel(
             relu_q = tl.maximum(q, 0.0)
             relu_p1 = tl.maximum(p1, 0.0)
             relu_p2 = tl.maximum(p2, 0.0)
-            sig_g = sigmoid(gam)
-            sig_p3 = tl.where(mask_n, sigmoid(p3), 0.0)
             dgate = dkg * (relu_k[:, None] * relu_p1[None, :]) - domg
             dkey = dkg * gate
             dk = tl.where(k > 0, tl.sum(dkey * relu_p1[None, :], axis=1), 0.0)
@@ -186,8 +172,8 @@ def _galite_backward_kernel(
             dq = tl.where(q > 0, tl.sum(dquery * relu_p2[None, :], axis=1), 0.0)
             dp2 = tl.where(p2 > 0, tl.sum(dquery * relu_q[:, None], axis=0), 0.0)
             # sigma'(x) as sigma(x) sigma(-x): y (1 - y) keeps few correct digits once y nears 1.
-            dgam = tl.sum(dgate * sig_p3[None, :], axis=1) * sig_g * sigmoid(-gam)
-            dp3 = tl.sum(dgate * sig_g[:, None], axis=0) * sig_p3 * sigmoid(-p3)
+            dgam = tl.sum(dgate * sig_p3[None, :], axis=1) * sig_g * sig_ng
+            dp3 = tl.sum(dgate * sig_g[:, None], axis=0) * sig_p3 * sig_np3
 
             o_d = ((b * T + t) * H + h) * D
             o_e = ((b * T + t) * H + h) * NU + offs_n
@@ -202,7 +188,7 @@ def _galite_backward_kernel(
             tl.store(dp3_ptr + o_e + jb * part_e, dp3.to(dp3_ptr.dtype.element_ty), mask=mask_n)
 
             # Carry to step t - 1: the adjoint reaching the memory before step t through its decay.
-            g_c = memory_decay(omg, bgate, bgate_c, keep) * g_c
+            g_c = decay * g_c
             g_s = (keep * omg) * g_s
             if RESTART:
                 n = tl.load(ridx_ptr + b * T + t)

@@ -20,18 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .galite_math import (
-    advance_memory,
-    advance_norm,
-    denominator,
-    galite_features,
-    load_key_side,
-    load_rows,
-    row_numerators,
-    store_memory_rows,
-    store_norm,
-    store_slot,
-)
+from .galite_math import advance, load_rows, load_step, readout, store_memory_rows, store_norm, store_slot
 from .launch import (
     GaliteDims,
     acc_dtype,
@@ -42,7 +31,7 @@ from .launch import (
     same_strides,
     shares_memory,
 )
-from .step_math import keep_of, load_vec, sigmoid
+from .step_math import keep_of
 
 __all__ = ["galite_forward", "galite_saved_length"]
 
@@ -104,17 +93,14 @@ def _galite_forward_kernel(
             if n >= 0:
                 c, s = load_rows(rc_ptr, rs_ptr, n, h, H * D * K, D * K, K, H * K, K, offs_j, feat, mask_j, mask_in,
                                  ACC)  # fmt: skip
-        k, q, gam, p1, p2, p3 = load_key_side(k_ptr, q_ptr, gamma_ptr, p1_ptr, p2_ptr, p3_ptr, off_d, off_e,
-                                              offs_i, mask_i, offs_n, mask_n, ACC)  # fmt: skip
-        v = load_vec(v_ptr + off_d, offs_j, mask_j, ACC)
-        beta = load_vec(beta_ptr + off_d, offs_j, mask_j, ACC)
+        _k, _q, _p1, _p2, v, kg, query, omg, _g, _sg, _sng, _sp3, _snp3, bgate, bgate_c = load_step(
+            k_ptr, q_ptr, v_ptr, beta_ptr, gamma_ptr, p1_ptr, p2_ptr, p3_ptr, off_d, off_e, offs_i, mask_i,
+            offs_n, mask_n, offs_j, mask_j, mask_in, ACC)  # fmt: skip
         keep = 1.0
         if HAS_DONES:
             keep = keep_of(done_ptr + b * sn_b + t * sn_t, ACC)
-        kg, query, omg, _gate = galite_features(k, q, gam, p1, p2, p3, mask_in)
-        c = advance_memory(c, kg, omg, v, sigmoid(beta), sigmoid(-beta), keep)
-        s = advance_norm(s, kg, omg, keep)
-        o = row_numerators(c, query) / denominator(s, query, eps)
+        c, s, _decay = advance(c, s, kg, omg, v, bgate, bgate_c, keep)
+        o, _den = readout(c, s, query, eps)
         tl.store(out_ptr + off_o + offs_j, o.to(out_ptr.dtype.element_ty), mask=mask_j)
         off_d += sd_t
         off_e += se_t

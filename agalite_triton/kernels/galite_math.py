@@ -14,51 +14,43 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .step_math import load_vec, sigmoid
-
 
 @triton.jit
 def galite_features(k, q, gam, p1, p2, p3, mask_in):
-    """K G, Q and 1 - G as feature tiles, and G (masked to 0 in padding) for the gradients.
+    """K G, Q, 1 - G and G (masked to 0 / 1 / 0 in padding) as feature tiles, and the sigmoids the
+    gradients need: sigma(gamma), sigma(-gamma) [D_PAD], sigma(p3), sigma(-p3) [NU_PAD].
 
     G K = (sigma(gamma) relu(k)) (x) (sigma(p3) relu(p1)), the factors multiplied before the expansion,
     and 1 - G = sigma(-gamma) + sigma(gamma) sigma(-p3): the reference's forms, so that a gate near 1
-    keeps its digits."""
-    sig_g = sigmoid(gam)
-    sig_p3 = sigmoid(p3)
+    keeps its digits. The sigmoids are written out (as ``step_math.sigmoid``) because under the
+    interpreter every nested jit call costs milliseconds, and this runs every step."""
+    sig_g = 1.0 / (1.0 + tl.exp(-gam))
+    sig_ng = 1.0 / (1.0 + tl.exp(gam))
+    sig_p3 = 1.0 / (1.0 + tl.exp(-p3))
+    sig_np3 = 1.0 / (1.0 + tl.exp(p3))
     kg = (sig_g * tl.maximum(k, 0.0))[:, None] * (sig_p3 * tl.maximum(p1, 0.0))[None, :]
     query = tl.maximum(q, 0.0)[:, None] * tl.maximum(p2, 0.0)[None, :]
-    omg = tl.where(mask_in, sigmoid(-gam)[:, None] + sig_g[:, None] * sigmoid(-p3)[None, :], 1.0)
+    omg = tl.where(mask_in, sig_ng[:, None] + sig_g[:, None] * sig_np3[None, :], 1.0)
     gate = tl.where(mask_in, sig_g[:, None] * sig_p3[None, :], 0.0)
-    return kg, query, omg, gate
+    return kg, query, omg, gate, sig_g, sig_ng, sig_p3, sig_np3
 
 
 @triton.jit
-def memory_decay(omg, bgate, bgate_c, keep):
-    """keep (1 - b_j G_k) as keep (sigma(-beta_j) + sigma(beta_j) (1 - G_k)), [BJ, D_PAD, NU_PAD]."""
-    return keep * (bgate_c[:, None, None] + bgate[:, None, None] * omg[None, :, :])
+def advance(c, s, kg, omg, v, bgate, bgate_c, keep):
+    """One step on a block of value rows: C_t = keep C (1 - b G) + (b v) (x) (K G), s_t = keep s (1 - G) + K G,
+    with 1 - b_j G_k as sigma(-beta_j) + sigma(beta_j) (1 - G_k). Returns C_t, s_t and the decay of C
+    [BJ, D_PAD, NU_PAD] (the backward carries its adjoint through it)."""
+    decay = keep * (bgate_c[:, None, None] + bgate[:, None, None] * omg[None, :, :])
+    c = decay * c + (bgate * v)[:, None, None] * kg[None, :, :]
+    s = (keep * omg) * s + kg
+    return c, s, decay
 
 
 @triton.jit
-def advance_memory(c, kg, omg, v, bgate, bgate_c, keep):
-    """C_t = keep C (1 - b G) + (b v) (x) (K G) on a block of value rows."""
-    return memory_decay(omg, bgate, bgate_c, keep) * c + (bgate * v)[:, None, None] * kg[None, :, :]
-
-
-@triton.jit
-def advance_norm(s, kg, omg, keep):
-    return (keep * omg) * s + kg
-
-
-@triton.jit
-def row_numerators(c, query):
-    """<C_t[j], Q> for each row of the block, [BJ]."""
-    return tl.sum(tl.sum(c * query[None, :, :], axis=2), axis=1)
-
-
-@triton.jit
-def denominator(s, query, eps):
-    return tl.sum(tl.sum(s * query, axis=1), axis=0) + eps
+def readout(c, s, query, eps):
+    """The block's rows of the read-out C_t Q / (<s_t, Q> + eps) [BJ], and the denominator."""
+    den = tl.sum(tl.sum(s * query, axis=1), axis=0) + eps
+    return tl.sum(tl.sum(c * query[None, :, :], axis=2), axis=1) / den, den
 
 
 @triton.jit
@@ -81,16 +73,22 @@ def load_rows(c_ptr, s_ptr, row, h, sc_b, sc_h, sc_j, ss_b, ss_h, offs_j, feat, 
 
 
 @triton.jit
-def load_key_side(k_ptr, q_ptr, gamma_ptr, p1_ptr, p2_ptr, p3_ptr, off_d, off_e, offs_i, mask_i, offs_n, mask_n,
-                  ACC: tl.constexpr):  # fmt: skip
-    """One step's key-side projections: k, q, gamma over the D key dims, p1, p2, p3 over the nu factors."""
-    k = load_vec(k_ptr + off_d, offs_i, mask_i, ACC)
-    q = load_vec(q_ptr + off_d, offs_i, mask_i, ACC)
-    gam = load_vec(gamma_ptr + off_d, offs_i, mask_i, ACC)
-    p1 = load_vec(p1_ptr + off_e, offs_n, mask_n, ACC)
-    p2 = load_vec(p2_ptr + off_e, offs_n, mask_n, ACC)
-    p3 = load_vec(p3_ptr + off_e, offs_n, mask_n, ACC)
-    return k, q, gam, p1, p2, p3
+def load_step(k_ptr, q_ptr, v_ptr, beta_ptr, gamma_ptr, p1_ptr, p2_ptr, p3_ptr, off_d, off_e, offs_i, mask_i,
+              offs_n, mask_n, offs_j, mask_j, mask_in, ACC: tl.constexpr):  # fmt: skip
+    """One step's projections and features: the key side over the D key dims and nu factors, v and
+    sigma(+-beta) over this block's value rows ``offs_j``, then ``galite_features``."""
+    k = tl.load(k_ptr + off_d + offs_i, mask=mask_i, other=0.0).to(ACC)
+    q = tl.load(q_ptr + off_d + offs_i, mask=mask_i, other=0.0).to(ACC)
+    gam = tl.load(gamma_ptr + off_d + offs_i, mask=mask_i, other=0.0).to(ACC)
+    p1 = tl.load(p1_ptr + off_e + offs_n, mask=mask_n, other=0.0).to(ACC)
+    p2 = tl.load(p2_ptr + off_e + offs_n, mask=mask_n, other=0.0).to(ACC)
+    p3 = tl.load(p3_ptr + off_e + offs_n, mask=mask_n, other=0.0).to(ACC)
+    v = tl.load(v_ptr + off_d + offs_j, mask=mask_j, other=0.0).to(ACC)
+    beta = tl.load(beta_ptr + off_d + offs_j, mask=mask_j, other=0.0).to(ACC)
+    kg, query, omg, gate, sig_g, sig_ng, sig_p3, sig_np3 = galite_features(k, q, gam, p1, p2, p3, mask_in)
+    bgate = 1.0 / (1.0 + tl.exp(-beta))
+    bgate_c = 1.0 / (1.0 + tl.exp(beta))
+    return k, q, p1, p2, v, kg, query, omg, gate, sig_g, sig_ng, sig_p3, sig_np3, bgate, bgate_c
 
 
 @triton.jit

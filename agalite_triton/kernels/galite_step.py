@@ -3,10 +3,10 @@
 Built for an acting loop captured in a CUDA graph, as AGaLiTe's (``step.py``): done flags are read
 in-kernel as they come, nothing is read back to the host and the launch configuration is fixed.
 
-Grid: one program per (b, h). The program forms the step's features, updates the normaliser s and the
-denominator once, then walks the (D, K) memory in blocks of BJ value rows (the table's ``rows``):
-each block is read, updated, read out and written back before the next, so registers hold one block and
-an in-place step never has another program reading what this one writes. With ``slots``, row b of the
+Grid: one program per (b, h). The program walks the (D, K) memory in blocks of BJ value rows (the
+table's ``rows``): each block is read, updated, read out and written back before the next, so registers
+hold one block and an in-place step never has another program reading what this one writes; s is
+written once, after the last block. With ``slots``, row b of the
 projections reads and writes memory row ``slots[b]`` of a larger memory, through the index.
 """
 
@@ -17,20 +17,9 @@ import triton
 import triton.language as tl
 
 from .._validation import check_galite_args
-from .galite_math import (
-    advance_memory,
-    advance_norm,
-    denominator,
-    galite_features,
-    load_key_side,
-    load_memory_rows,
-    load_norm,
-    row_numerators,
-    store_memory_rows,
-    store_norm,
-)
+from .galite_math import advance, load_memory_rows, load_norm, load_step, readout, store_memory_rows, store_norm
 from .launch import acc_dtype, dones_arg, galite_dims_of, new_output, same_strides
-from .step_math import keep_of, load_vec, sigmoid
+from .step_math import keep_of
 
 __all__ = ["galite_step_", "galite_step_forward"]
 
@@ -64,22 +53,23 @@ def _galite_step_kernel(
     if HAS_SLOTS:
         row = tl.load(slot_ptr + b * ssl)
     off_d = b * sd_b + h * sd_h
-    k, q, gam, p1, p2, p3 = load_key_side(k_ptr, q_ptr, gamma_ptr, p1_ptr, p2_ptr, p3_ptr, off_d, b * se_b + h * se_h,
-                                          offs_i, mask_i, offs_n, mask_n, ACC)  # fmt: skip
+    off_e = b * se_b + h * se_h
     keep = 1.0
     if HAS_DONES:
         keep = keep_of(done_ptr + b * sn_b, ACC)
-    kg, query, omg, _gate = galite_features(k, q, gam, p1, p2, p3, mask_in)
-    s = advance_norm(load_norm(s_in, row, h, is_b, is_h, feat, mask_in, ACC), kg, omg, keep)
-    den = denominator(s, query, eps)
+    s_prev = load_norm(s_in, row, h, is_b, is_h, feat, mask_in, ACC)
+    s = s_prev
     for jb in range(0, tl.cdiv(D, BJ)):
         offs_j = jb * BJ + tl.arange(0, BJ)
         mask_j = offs_j < D
+        # The key side and s_t are the same for every block (recomputed, as the sequence kernels do, so the
+        # step is bitwise their T = 1).
+        _k, _q, _p1, _p2, v, kg, query, omg, _g, _sg, _sng, _sp3, _snp3, bgate, bgate_c = load_step(
+            k_ptr, q_ptr, v_ptr, beta_ptr, gamma_ptr, p1_ptr, p2_ptr, p3_ptr, off_d, off_e, offs_i, mask_i,
+            offs_n, mask_n, offs_j, mask_j, mask_in, ACC)  # fmt: skip
         c = load_memory_rows(c_in, row, h, ic_b, ic_h, ic_j, offs_j, feat, mask_j, mask_in, ACC)
-        v = load_vec(v_ptr + off_d, offs_j, mask_j, ACC)
-        beta = load_vec(beta_ptr + off_d, offs_j, mask_j, ACC)
-        c = advance_memory(c, kg, omg, v, sigmoid(beta), sigmoid(-beta), keep)
-        o = row_numerators(c, query) / den
+        c, s, _decay = advance(c, s_prev, kg, omg, v, bgate, bgate_c, keep)
+        o, _den = readout(c, s, query, eps)
         tl.store(out_ptr + (b * H + h) * D + offs_j, o.to(out_ptr.dtype.element_ty), mask=mask_j)
         # In place, every thread must have read the block before any thread overwrites it.
         tl.debug_barrier()
