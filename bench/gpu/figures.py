@@ -27,7 +27,7 @@ import torch
 
 from ..systems import build
 from ..workloads import inference_step, training_step
-from . import cases
+from . import cases, galite
 from .floors import recurrence_bytes
 from .graphs import graphed_rollout
 from .sizes import Shape, System
@@ -223,3 +223,4 @@ def run(session: Session, stage: Stage) -> None:
     _rollout(session, stage)
     _training(session, stage)
     _recurrence(session, stage, plan.figure_dtypes, plan.figure_shapes)
+    galite.figures(session, stage)
