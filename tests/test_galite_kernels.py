@@ -152,6 +152,24 @@ def test_restart_gradients_reach_the_restart_memories():
     assert all(float(g.abs().max()) > 0 for g in got[13:])
 
 
+def test_restart_one_step_inference_writes_into_the_memory():
+    """T = 1 with restart and final_out (a rollout step that restarts some rows): the forward kernel
+    reads the restart rows through the index and writes the memory in place."""
+    proj, dones, memory = galite_case(3, 1, 2, 5, 3, dones="mixed", seed=16)
+    _, _, rmem = galite_case(2, 1, 2, 5, 3, seed=17)
+    index = torch.tensor([[1], [-1], [0]], device=DEV)
+    live = [x.clone() for x in memory]
+    with torch.no_grad(), config.use_table(SPLIT):
+        out, final = galite_recurrence(*proj, dones, *live, restart=(index, *rmem), final_out=tuple(live),
+                                       backend="triton")  # fmt: skip
+    with torch.no_grad():
+        want_out, want = galite_recurrence(*proj, dones, *memory, restart=(index, *rmem), backend="reference")
+    assert all(a is b for a, b in zip(final, live))
+    assert rel_err(out, want_out) <= 1e-5
+    for a, b in zip(live, want):
+        assert rel_err(a, b) <= 1e-5
+
+
 def test_runs_are_bitwise_repeatable():
     """Partial sums over value-row blocks are reduced in a fixed order: no atomics."""
     case = galite_case(1, 4, 1, 5, 3, seed=8)

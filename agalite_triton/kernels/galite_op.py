@@ -230,7 +230,8 @@ def triton_galite_recurrence(
 ) -> tuple[torch.Tensor, Memory]:
     """The kernel backend of ``galite_recurrence``: same arguments (validated there, T >= 1), same results.
 
-    Without gradients a T = 1 call takes the one-step kernel; otherwise the sequence kernels run,
+    Without gradients a T = 1 call takes the one-step kernel (with ``restart``, the forward kernel
+    without checkpoints, which reads the restart rows through the index); otherwise the sequence kernels run,
     keeping backward checkpoints only when autograd will need them. ``final_out`` (inference only)
     receives and is returned as the final memory, written straight into it where its last dimension has
     unit stride; with ``slots`` the kernels read and write memory rows ``slots`` through the index.
