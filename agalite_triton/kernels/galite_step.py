@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .._validation import check_galite_args
 from .galite_math import advance, load_memory_rows, load_norm, load_step, readout, store_memory_rows, store_norm
-from .launch import acc_dtype, dones_arg, galite_dims_of, new_output, same_strides
+from .launch import acc_dtype, check_in_place, dones_arg, galite_dims_of, new_output, same_strides, step_buffers
 from .step_math import keep_of
 
 __all__ = ["galite_step_", "galite_step_forward"]
@@ -108,16 +108,7 @@ def galite_step_forward(
     device = keys.device
     keys, queries, values, beta, gamma = same_strides((keys, queries, values, beta, gamma))
     p1, p2, p3 = same_strides((p1, p2, p3))
-    if in_place:
-        c_out, s_out = c, s
-    else:
-        c, s = (x if x.stride(-1) == 1 else x.contiguous() for x in (c, s))
-        if state_out is not None:
-            c_out, s_out = state_out
-        elif slots is not None:
-            raise ValueError("slots: the step writes rows of a memory, so it needs in_place or state_out")
-        else:
-            c_out, s_out = (new_output(tuple(x.shape), c.dtype, device) for x in (c, s))
+    (c, s), (c_out, s_out) = step_buffers((c, s), in_place, state_out, slots)
     done_t, sn_b, _ = dones_arg(dones, keys)
     out = new_output((batch, heads, dim), keys.dtype, device)
     if batch * heads == 0:  # an empty grid is not a valid launch
@@ -186,7 +177,5 @@ def galite_step_(
         The read-out (B, H, D) in the input dtype. Not differentiable.
     """
     check_galite_args(keys, queries, values, beta, gamma, p1, p2, p3, dones, c, s, has_time=False)
-    for name, t in (("c", c), ("s", s)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name}: updated in place, so its last dimension needs stride 1, got {t.stride()}")
+    check_in_place(("c", "s"), (c, s))
     return _galite_step_inplace_op(keys, queries, values, beta, gamma, p1, p2, p3, dones, c, s, eps)

@@ -24,6 +24,8 @@ __all__ = [
     "into_buffers",
     "needs_grad_of",
     "shares_memory",
+    "step_buffers",
+    "check_in_place",
     "dones_arg",
     "last_dim_contiguous",
     "new_output",
@@ -179,3 +181,29 @@ def into_buffers(
         for dst, src in zip(final_out, bufs):
             dst.copy_(src)
     return out, final_out
+
+
+def step_buffers(
+    state: tuple[torch.Tensor, ...],
+    in_place: bool,
+    state_out: tuple[torch.Tensor, ...] | None,
+    slots: torch.Tensor | None,
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """(state read, state written) of a one-step launch: the state itself (``in_place``), the caller's
+    ``state_out`` or fresh tensors; a read state without a unit last stride is copied. ``slots`` writes
+    rows of a state, so it needs one of the first two."""
+    if in_place:
+        return state, state
+    state = tuple(x if x.stride(-1) == 1 else x.contiguous() for x in state)
+    if state_out is not None:
+        return state, tuple(state_out)
+    if slots is not None:
+        raise ValueError("slots: the step writes rows of a state, so it needs in_place or state_out")
+    return state, tuple(new_output(tuple(x.shape), x.dtype, x.device) for x in state)
+
+
+def check_in_place(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:
+    """A state updated in place by a public step API needs a unit last stride (the kernels' layout)."""
+    for name, t in zip(names, tensors):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name}: updated in place, so its last dimension needs stride 1, got {t.stride()}")
