@@ -20,7 +20,7 @@ import torch
 from agalite_triton import GALITE_PRESETS, galite_recurrence
 
 from . import cases
-from .stage import Session, Stage
+from .stage import Session, Stage, json_table
 from .timer import time_call
 
 __all__ = ["GaliteShape", "correctness", "figures", "galite_bytes", "plan_for", "sweep"]
@@ -113,7 +113,7 @@ def run_recurrence(inp: Inputs, grad: bool, backend: str = "triton", rows: torch
     proj = [take(p).detach() for p in inp.proj]
     memory = [take(m).detach() for m in inp.memory]
     dones = cases.take_rows(inp.dones, rows)
-    with _table(table):
+    with json_table(table):
         if not grad:
             with torch.no_grad():
                 out, final = galite_recurrence(*proj, dones, *memory, backend=backend)
@@ -125,16 +125,6 @@ def run_recurrence(inp: Inputs, grad: bool, backend: str = "triton", rows: torch
     for name, leaf in zip((*cases.PROJ_NAMES, *(f"{n}0" for n in MEMORY_NAMES)), leaves):
         got[f"d_{name}"] = leaf.grad
     return got
-
-
-def _table(table: dict | None):
-    import contextlib
-
-    if table is None:
-        return contextlib.nullcontext()
-    from agalite_triton.kernels import config
-
-    return config.use_table(config.table_from_json(table))
 
 
 def reference(inp: Inputs, grad: bool) -> dict[str, torch.Tensor]:
@@ -157,7 +147,7 @@ def run_step(inp: Inputs, how: str, table: dict | None = None) -> dict[str, torc
     memory = [m.clone() for m in inp.memory]
     proj = [p[:, :1].detach() for p in inp.proj]
     dones = inp.dones[:, :1]
-    with torch.no_grad(), _table(table):
+    with torch.no_grad(), json_table(table):
         if how == "in_place":
             out, final = galite_step_(*(p[:, 0] for p in proj), dones[:, 0], *memory).unsqueeze(1), memory
         elif how == "final_out":
@@ -297,7 +287,7 @@ def _timed_fn(inp: Inputs, kernel: str, table: dict) -> Callable[[], Any]:
         proj = [p[:, 0] for p in inp.proj]
 
         def step() -> None:
-            with _table(table):
+            with json_table(table):
                 galite_step_(*proj, inp.dones[:, 0], *memory)
 
         return step
@@ -309,7 +299,7 @@ def recurrence_fn(inp: Inputs, backend: str, backward: bool, table: dict | None 
     leaves = [p.detach().requires_grad_(backward) for p in inp.proj]
 
     def call() -> None:
-        with _table(table):
+        with json_table(table):
             if not backward:
                 with torch.no_grad():
                     galite_recurrence(*leaves, inp.dones, *inp.memory, backend=backend)
