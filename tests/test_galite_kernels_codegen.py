@@ -1,7 +1,8 @@
 """GaLiTe's kernels lower to sm_90 machine code as the JIT compiles them at launch (codegen_check, as
 tests/test_kernel_codegen.py does for AGaLiTe's), and the default table keeps the occupancy targets at
 the galite-tmaze size (D = 64, nu = 2): no spills in any kernel, forward and step at least 2 blocks per
-SM, the backward at least 1 (README, "Launch configuration")."""
+SM, the backward at least 1 (README, "Launch configuration"). float32 only, to keep the compile time
+down: bf16 loads and stores 16-bit values into the same float32 arithmetic (the README's table has both)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ SCRIPT = """
 import json
 from agalite_triton.kernels.codegen_check import GALITE_CASES, compile_report
 main = ("galite_forward", "galite_forward_infer", "galite_backward", "galite_step")
-records = compile_report(presets=("galite-tmaze",), dtypes=("fp32", "bf16"), cases=main, jobs=2)
-records += compile_report(presets=("gA",), dtypes=("fp32",), cases=GALITE_CASES[4:])
+records = compile_report(presets=("galite-tmaze",), dtypes=("fp32",), cases=main, jobs=2)
+records += compile_report(presets=("gA",), dtypes=("fp32",), cases=GALITE_CASES[4:], jobs=2)
 print("RECORDS", json.dumps(records))
 """
 
@@ -42,7 +43,7 @@ def records() -> list[dict]:
 
 
 def test_every_galite_kernel_variant_compiles_with_int64_strides(records):
-    assert len(records) == 8 + 4
+    assert len(records) == 4 + 4
     assert {r["kernel"] for r in records} == {"_galite_forward_kernel", "_galite_backward_kernel", "_galite_step_kernel"}
     for rec in records:
         assert rec["registers"] is not None and rec["arch"] == "sm_90", rec

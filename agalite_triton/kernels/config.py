@@ -110,7 +110,7 @@ DEFAULT_TABLE: Table = {
     # GaLiTe (classed by a head's D_PAD * NU_PAD * D_PAD memory): galite-tmaze (D=64, nu=2) is tile_max,
     # the fixtures' gC (D=16, nu=3) tile1024 and gA (D=8, nu=2) tile256.
     "galite_forward": _row((2, 2, 2, 4, 4, 4), rows=(8, 8, 16, 16, 16, 16)),
-    "galite_backward": _row((2, 2, 2, 2, 2, 2), rows=(4, 4, 4, 4, 4, 4)),
+    "galite_backward": _row((4, 2, 2, 2, 2, 2), rows=(8, 4, 4, 4, 4, 4)),
     "galite_step": _row((2, 2, 2, 4, 4, 4), rows=(8, 8, 16, 16, 16, 16)),
 }
 
