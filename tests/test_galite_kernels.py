@@ -257,6 +257,19 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(ops.galite_step_, (*step, None, *[x.clone() for x in memory], 1e-10))
 
 
+def test_model_has_no_graph_break():
+    """A GaLiTe model on the kernel backend traces whole, over a sequence and for one step (the step op)."""
+    from agalite_triton import GaLiTe
+
+    torch._dynamo.reset()
+    model = GaLiTe(5, 16, 1, 2, 6, 16, 2, backend="triton").to(DEV)
+    x = torch.randn(2, 3, 5, device=DEV)
+    for inputs in (x, x[:, 0]):
+        explanation = torch._dynamo.explain(model)(inputs, model.initial_state(2), None)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+
+
 def test_recurrence_traces_in_one_graph():
     """torch.compile(fullgraph=True) (aot_eager: the interpreter has no Inductor path) fails on any graph
     break; outputs and every gradient match eager."""
