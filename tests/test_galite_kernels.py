@@ -170,6 +170,22 @@ def test_restart_one_step_inference_writes_into_the_memory():
         assert rel_err(a, b) <= 1e-5
 
 
+def test_backward_recomputes_at_the_chunk_its_forward_saved_at():
+    """The checkpoint interval travels with the checkpoints: a table that changes between the forward
+    (chunks of 3) and the backward (chunks of 32) gives bitwise the same gradients."""
+    proj, dones, memory = galite_case(1, 5, 1, 5, 3, seed=18)
+    results = []
+    for bwd_chunk in (3, 32):
+        leaves = [x.detach().clone().requires_grad_() for x in proj + memory]
+        with config.use_table(galite_table(chunk=3, rows=2, bwd_rows=4)):
+            out, final = galite_recurrence(*leaves[:8], dones, *leaves[8:], backend="triton")
+        loss = (out.double() * torch.linspace(-1, 1, out.numel(), device=DEV).view_as(out)).sum() + final[0].sum()
+        with config.use_table(galite_table(chunk=bwd_chunk, rows=2, bwd_rows=4)):
+            results.append(torch.autograd.grad(loss, leaves))
+    for name, a, b in zip(NAMES[3:], *results):
+        assert torch.equal(a, b), name
+
+
 def test_runs_are_bitwise_repeatable():
     """Partial sums over value-row blocks are reduced in a fixed order: no atomics."""
     case = galite_case(1, 4, 1, 5, 3, seed=8)
