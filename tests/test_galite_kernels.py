@@ -62,7 +62,9 @@ def galite_case(batch, steps, heads, dim, nu, *, dtype=torch.float32, dones="mix
     if init == "zero":
         c, s = torch.zeros_like(c), torch.zeros_like(s)
     memory = [x.to(device=DEV, dtype=sdt) for x in (c, s)]
-    return proj, make_dones(dones, batch, steps, DEV), memory
+    with torch.random.fork_rng(devices=[]):  # make_dones draws its "mixed" rows from the global generator
+        torch.manual_seed(seed)
+        return proj, make_dones(dones, batch, steps, DEV), memory
 
 
 def run_backend(case, backend, dtype, *, use_out=True, use_state=True, restart=None, seed=1):
@@ -98,7 +100,12 @@ def check_against_reference(case, dtype=torch.float32, table=None, **kw) -> list
     oracle = run_backend(case, "reference", torch.float64, **kw)
     names = NAMES + ["dc_r", "ds_r"]
     tol_val, tol_grad = TOL[dtype]
-    floor = 1e-20 * max(w.norm().item() for w in oracle)  # as test_kernels: underflow noise of vanishing tensors
+    # As test_kernels, a tensor far smaller than the largest is measured against a floor: in float32 below
+    # 1e-20 of it (underflow noise); in float64 below 1e-4 of it, since there the oracle is the same maths in
+    # the same dtype (its own error is 0), and a gradient that vanishes mathematically (that of p2 where one
+    # factor of Q is positive: the read-out is invariant to its scale) is left as cancellation noise of
+    # 1e-15 of the terms, in either implementation.
+    floor = (1e-4 if dtype == torch.float64 else 1e-20) * max(w.norm().item() for w in oracle)
     bad = {}
     for i, (name, got, mine, want) in enumerate(zip(names, kernel, ref, oracle)):
         assert got.dtype == mine.dtype and got.shape == mine.shape, (name, got.dtype, mine.dtype, got.shape)
