@@ -15,7 +15,7 @@ from agalite_triton import galite_recurrence, kernels
 from agalite_triton.kernels import config, galite_step_
 from agalite_triton.kernels.config import SIZE_CLASSES, LaunchConfig
 
-from .test_kernels import GATE_LOGITS, KERNEL_DEVICE, TOL, make_dones, rel_err
+from .test_kernels import KERNEL_DEVICE, TOL, make_case, rel_err
 
 pytestmark = [
     pytest.mark.interpret,
@@ -40,31 +40,20 @@ SPLIT = galite_table(chunk=3, rows=2, bwd_rows=4)
 
 
 def galite_case(batch, steps, heads, dim, nu, *, dtype=torch.float32, dones="mixed", gates="normal", init="rand",
-                seed=0, state_batch=None):  # fmt: skip
-    """Projections as strided views of one fused (B, T, H*5D + H*3nu) tensor, as the module makes them, and
-    a memory (C ~ N(0, 1), s ~ U(0, 1) as the fixtures, or zero) of ``state_batch`` rows (default B)."""
-    g = torch.Generator().manual_seed(seed)
-    n_d = heads * 5 * dim
-    fused = torch.randn(batch, steps, n_d + heads * 3 * nu, generator=g, dtype=torch.float64)
-    offset = GATE_LOGITS[gates]
-    if offset is not None:  # beta, gamma and p3 logits pushed towards a saturated sigmoid
-        kqvbg = fused[..., :n_d].unflatten(-1, (heads, 5, dim))
-        kqvbg[..., 3:, :] = offset + 0.5 * kqvbg[..., 3:, :]
-        pp = fused[..., n_d:].unflatten(-1, (heads, 3, nu))
-        pp[..., 2, :] = offset + 0.5 * pp[..., 2, :]
-    fused = fused.to(device=DEV, dtype=dtype)
-    proj = list(fused[..., :n_d].unflatten(-1, (heads, 5, dim)).unbind(-2))
-    proj += list(fused[..., n_d:].unflatten(-1, (heads, 3, nu)).unbind(-2))
-    sdt = torch.float64 if dtype == torch.float64 else torch.float32
-    rows = batch if state_batch is None else state_batch
-    c = torch.randn(rows, heads, dim, nu * dim, generator=g, dtype=torch.float64)
-    s = torch.rand(rows, heads, nu * dim, generator=g, dtype=torch.float64)
-    if init == "zero":
-        c, s = torch.zeros_like(c), torch.zeros_like(s)
-    memory = [x.to(device=DEV, dtype=sdt) for x in (c, s)]
+                seed=0):  # fmt: skip
+    """AGaLiTe's test projections (``make_case``: strided views of one fused projection, as the module makes
+    them, eta = nu) and dones, and a GaLiTe memory (C ~ N(0, 1), s ~ U(0, 1) as the fixtures, or zero)."""
     with torch.random.fork_rng(devices=[]):  # make_dones draws its "mixed" rows from the global generator
         torch.manual_seed(seed)
-        return proj, make_dones(dones, batch, steps, DEV), memory
+        proj, done_flags, _, _ = make_case(batch, steps, heads, dim, nu, 1, dtype=dtype, device=DEV, gates=gates,
+                                           dones=dones, seed=seed)  # fmt: skip
+    g = torch.Generator().manual_seed(seed + 1)
+    c = torch.randn(batch, heads, dim, nu * dim, generator=g, dtype=torch.float64)
+    s = torch.rand(batch, heads, nu * dim, generator=g, dtype=torch.float64)
+    if init == "zero":
+        c, s = torch.zeros_like(c), torch.zeros_like(s)
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    return proj, done_flags, [x.to(device=DEV, dtype=sdt) for x in (c, s)]
 
 
 def run_backend(case, backend, dtype, *, use_out=True, use_state=True, restart=None, seed=1):
