@@ -90,9 +90,12 @@ def galite_recurrence(
     if steps == 0:
         return no_steps(keys, (c, s), final_out, slots)  # type: ignore[return-value]
     if chosen == "triton":
-        raise NotImplementedError(
-            "backend='triton': the GaLiTe recurrence has no Triton kernels yet; use backend='reference' or 'auto'"
-        )
+        from .kernels import triton_galite_recurrence
+
+        return triton_galite_recurrence(
+            keys, queries, values, beta, gamma, p1, p2, p3, dones, c, s,
+            eps=eps, final_out=final_out, slots=slots, restart=restart,
+        )  # fmt: skip
     return galite_reference_recurrence(
         keys, queries, values, beta, gamma, p1, p2, p3, dones, c, s,
         eps=eps, final_out=final_out, slots=slots, restart=restart,

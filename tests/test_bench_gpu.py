@@ -70,7 +70,8 @@ def test_records_carry_what_a_reader_needs(dry_run):
     for r in ok("correctness"):
         if "not_finite" in r:  # a kernel compared with the oracle: per-tensor errors, all within tolerance
             assert r["errors"] and r["poisoned"] is True and not r["failed"] and not r["not_finite"]
-            assert r["shape"]["R"] >= 1 and r["dtype"] in ("float32", "bfloat16") and r["config"]["size_class"]
+            assert r["shape"].get("R", r["shape"].get("nu")) >= 1 and r["dtype"] in ("float32", "bfloat16")
+            assert r["config"]["size_class"]
     kinds = {r["case"].split("/")[1] for r in ok("correctness")}
     assert {"recurrence", "step", "bitwise", "model", "training", "gate"} <= kinds, kinds
     hows = {r.get("how") for r in ok("correctness")}
@@ -97,10 +98,11 @@ def test_summary_and_tuned_table(dry_run, tmp_path):
     assert set(STAGES) <= set(summary["stages"]) and summary["targets"]
     assert summary["problem_count"] == 1  # the simulated context loss
     sweep = [r for r in records if r["stage"] == "sweep" and r["status"] == "ok" and "median_s" in r]
-    assert {r["sweep_kernel"] for r in sweep} == {"forward", "backward", "step"}
+    kernels = {"forward", "backward", "step", "galite_forward", "galite_backward", "galite_step"}
+    assert {r["sweep_kernel"] for r in sweep} == kernels
     assert {r["candidate"]["chunk"] for r in sweep if r["sweep_kernel"] == "backward"} == {1, 16}  # CHUNK varied
     table, choices = tune.tuned_table(records)
-    assert config.table_from_json(table) and {c["kernel"] for c in choices} == {"forward", "backward", "step"}
+    assert config.table_from_json(table) and {c["kernel"] for c in choices} == kernels
     written = tmp_path / "table.json"
     tune.main([str(out / "gpu.jsonl"), "--out", str(written)])
     assert config.table_from_json(json.loads(written.read_text())) == config.table_from_json(table)

@@ -7,12 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from agalite_triton import GaLiTe
+from agalite_triton import GaLiTe, kernels
 from agalite_triton.convert import export_flax_params, galite_state_from_flax_memory, load_flax_params
 
 from .golden import assert_close, load, params_of
 
-BACKENDS = ["reference"]
+BACKENDS = [
+    "reference",
+    pytest.param(
+        "triton",
+        marks=[pytest.mark.interpret, pytest.mark.skipif(not kernels.AVAILABLE, reason="Triton kernels unavailable")],
+    ),
+]
 
 
 def build(name: str, backend: str) -> tuple[dict, dict, GaLiTe]:
@@ -113,6 +119,8 @@ def test_batch(backend: str, cpu_path: str) -> None:
     tolerance of it. So the bound at each element is the tolerance plus the fixture's own distance from
     this model run in float64 (zero wherever the fixture is accurate).
     """
+    if backend == "triton" and cpu_path == "eager":
+        pytest.skip("the eager switch concerns the reference backend")
     meta, arrays, model = build("gA_batch", backend)
     n_layers = meta["config"]["n_layers"]
     dones = torch.from_numpy(arrays["terminations"])

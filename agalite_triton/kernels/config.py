@@ -18,6 +18,12 @@ Fields:
     split:      programs per (b, h) in the backward, each owning ETA_PAD / split rows of the feature
                 map (partial gradients summed afterwards, no atomics). At most ETA_PAD is used: for a
                 size whose ETA_PAD is smaller the launcher takes ETA_PAD. Forward and step ignore it.
+    rows:       GaLiTe kernels: value rows of the (D, K) memory per program (the sequence kernels launch
+                ceil(D / rows) programs per (b, h); the step kernel walks its rows in blocks of this
+                many). At most D_PAD is used. The AGaLiTe kernels ignore it.
+
+GaLiTe's kernels (``galite_*``) are classed by a head's memory, D_PAD * NU_PAD * D_PAD values
+(``get_config(kernel, d_pad, nu_pad, d_pad)``), the same bounds as AGaLiTe's tilde_k.
 
 The defaults were chosen without a GPU from ptxas's register, spill and shared-memory figures for
 sm_90 (``python -m agalite_triton.kernels.codegen_check``): at the paper size (R=2, eta=4, D=64) the
@@ -43,7 +49,7 @@ __all__ = [
     "use_table",
 ]
 
-KERNELS = ("forward", "backward", "step")
+KERNELS = ("forward", "backward", "step", "galite_forward", "galite_backward", "galite_step")
 
 # Upper bounds (inclusive) of R_PAD * ETA_PAD * D_PAD per class; the last class is unbounded.
 _CLASS_BOUNDS = (256, 512, 1024, 2048, 4096)
@@ -56,13 +62,14 @@ class LaunchConfig:
     num_stages: int = 1
     chunk: int = 16
     split: int = 1
+    rows: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("num_warps", "num_stages", "chunk", "split"):
+        for name in ("num_warps", "num_stages", "chunk", "split", "rows"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"LaunchConfig.{name}: expected a positive int, got {value!r}")
-        for name in ("num_warps", "split"):
+        for name in ("num_warps", "split", "rows"):
             value = getattr(self, name)
             if value & (value - 1):
                 raise ValueError(f"LaunchConfig.{name}: expected a power of two, got {value}")
@@ -85,9 +92,12 @@ def size_class(r_pad: int, eta_pad: int, d_pad: int) -> str:
     return SIZE_CLASSES[-1]
 
 
-def _row(warps: tuple[int, ...], splits: tuple[int, ...] | None = None) -> dict[str, LaunchConfig]:
+def _row(
+    warps: tuple[int, ...], splits: tuple[int, ...] | None = None, rows: tuple[int, ...] | None = None
+) -> dict[str, LaunchConfig]:
     splits = splits or (1,) * len(SIZE_CLASSES)
-    return {name: LaunchConfig(w, split=sp) for name, w, sp in zip(SIZE_CLASSES, warps, splits)}
+    rows = rows or (16,) * len(SIZE_CLASSES)
+    return {name: LaunchConfig(w, split=sp, rows=rw) for name, w, sp, rw in zip(SIZE_CLASSES, warps, splits, rows)}
 
 
 # Classes of the presets: paper and fast tile512, craftax tile1024, standard and optimized tile2048.
@@ -97,6 +107,11 @@ DEFAULT_TABLE: Table = {
     "forward": _row((2, 2, 4, 2, 4, 4)),
     "backward": _row((2, 2, 2, 2, 4, 4), splits=(1, 1, 2, 4, 8, 8)),
     "step": _row((2, 2, 4, 4, 4, 4)),
+    # GaLiTe (classed by a head's D_PAD * NU_PAD * D_PAD memory): galite-tmaze (D=64, nu=2) is tile_max,
+    # the fixtures' gC (D=16, nu=3) tile1024 and gA (D=8, nu=2) tile256.
+    "galite_forward": _row((2, 2, 2, 4, 4, 4), rows=(8, 8, 16, 16, 16, 16)),
+    "galite_backward": _row((4, 2, 2, 2, 2, 2), rows=(8, 4, 4, 4, 4, 4)),
+    "galite_step": _row((2, 2, 2, 4, 4, 4), rows=(8, 8, 16, 16, 16, 16)),
 }
 
 _active: Table = DEFAULT_TABLE

@@ -4,6 +4,7 @@ allocation. The launch configuration itself lives in ``config.py`` (one table, o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -15,9 +16,16 @@ from .config import LaunchConfig, get_config
 
 __all__ = [
     "Dims",
+    "GaliteDims",
     "POISON_OUTPUTS",
     "acc_dtype",
     "dims_of",
+    "galite_dims_of",
+    "into_buffers",
+    "needs_grad_of",
+    "shares_memory",
+    "step_buffers",
+    "check_in_place",
     "dones_arg",
     "last_dim_contiguous",
     "new_output",
@@ -66,6 +74,46 @@ def dims_of(keys: torch.Tensor, eta: int, r: int) -> Dims:
     )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class GaliteDims:
+    """GaLiTe's sizes: a head's memory is (D, K) with K = nu * D, held as [rows, D_PAD, NU_PAD] tiles."""
+
+    batch: int
+    steps: int
+    heads: int
+    dim: int
+    nu: int
+    d_pad: int
+    nu_pad: int
+
+    @property
+    def feat_pad(self) -> int:
+        """Padded values of one memory row (and of s): the unit of checkpoints and scratch."""
+        return self.d_pad * self.nu_pad
+
+    def config(self, kernel: str) -> LaunchConfig:
+        """Classed by a head's padded memory, D_PAD * NU_PAD * D_PAD values."""
+        return get_config(kernel, self.d_pad, self.nu_pad, self.d_pad)
+
+    def rows(self, kernel: str) -> int:
+        """Value rows per program (the table's ``rows``, at most D_PAD)."""
+        return min(self.config(kernel).rows, self.d_pad)
+
+    def row_blocks(self, kernel: str) -> int:
+        return triton.cdiv(self.dim, self.rows(kernel))
+
+
+def galite_dims_of(keys: torch.Tensor, nu: int) -> GaliteDims:
+    """Sizes from (B, T, H, D) keys and the feature multiplier nu."""
+    batch, steps, heads, dim = keys.shape
+    return GaliteDims(batch, steps, heads, dim, nu, triton.next_power_of_2(dim), triton.next_power_of_2(nu))
+
+
+def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors are views of one storage (an in-place call)."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def acc_dtype(dtype: torch.dtype) -> tl.dtype:
     """Accumulation dtype in-kernel: float64 inputs keep a float64 oracle path, all others fp32."""
     return tl.float64 if dtype == torch.float64 else tl.float32
@@ -105,3 +153,57 @@ def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def needs_grad_of(
+    differentiable: tuple[torch.Tensor, ...], final_out: tuple[torch.Tensor, ...] | None, slots: torch.Tensor | None
+) -> bool:
+    """Whether autograd will need a backward, after checking that ``final_out`` and ``slots`` (inference
+    only) are not combined with it."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
+    if final_out is not None and needs_grad:
+        raise RuntimeError("final_out: only for inference; call under torch.no_grad() or torch.inference_mode()")
+    if slots is not None and final_out is None:
+        raise ValueError("slots: needs final_out (the state to step in place, or another of its size), got None")
+    return needs_grad
+
+
+def into_buffers(
+    final_out: tuple[torch.Tensor, ...], run: Callable[[tuple[torch.Tensor, ...]], torch.Tensor]
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """``run(bufs)`` writes the final state into ``bufs``: ``final_out`` itself where every buffer has a
+    unit last stride, else contiguous stand-ins (whole copies, so rows a slot step leaves alone stay as
+    they were) copied back. Returns run's read-out and ``final_out``."""
+    direct = all(t.stride(-1) == 1 for t in final_out)
+    bufs = final_out if direct else tuple(t.contiguous() for t in final_out)
+    out = run(bufs)
+    if not direct:
+        for dst, src in zip(final_out, bufs):
+            dst.copy_(src)
+    return out, final_out
+
+
+def step_buffers(
+    state: tuple[torch.Tensor, ...],
+    in_place: bool,
+    state_out: tuple[torch.Tensor, ...] | None,
+    slots: torch.Tensor | None,
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """(state read, state written) of a one-step launch: the state itself (``in_place``), the caller's
+    ``state_out`` or fresh tensors; a read state without a unit last stride is copied. ``slots`` writes
+    rows of a state, so it needs one of the first two."""
+    if in_place:
+        return state, state
+    state = tuple(x if x.stride(-1) == 1 else x.contiguous() for x in state)
+    if state_out is not None:
+        return state, tuple(state_out)
+    if slots is not None:
+        raise ValueError("slots: the step writes rows of a state, so it needs in_place or state_out")
+    return state, tuple(new_output(tuple(x.shape), x.dtype, x.device) for x in state)
+
+
+def check_in_place(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:
+    """A state updated in place by a public step API needs a unit last stride (the kernels' layout)."""
+    for name, t in zip(names, tensors):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name}: updated in place, so its last dimension needs stride 1, got {t.stride()}")

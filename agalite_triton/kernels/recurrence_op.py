@@ -16,7 +16,7 @@ import torch
 
 from .backward import recurrence_backward
 from .forward import recurrence_forward, saved_length
-from .launch import dims_of
+from .launch import dims_of, into_buffers, needs_grad_of
 from .step import step_forward
 
 __all__ = ["triton_recurrence"]
@@ -297,11 +297,7 @@ def triton_recurrence(
     differentiable = (keys, queries, values, beta, gamma, p1, p2, p3, tilde_k, tilde_v, s)
     if restart is not None:
         differentiable += tuple(restart[1:4])
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
-    if final_out is not None and needs_grad:
-        raise RuntimeError("final_out: only for inference; call under torch.no_grad() or torch.inference_mode()")
-    if slots is not None and final_out is None:
-        raise ValueError("slots: needs final_out (the state to step in place, or another of its size), got None")
+    needs_grad = needs_grad_of(differentiable, final_out, slots)
     restart_args = (None,) * 5 if restart is None else tuple(restart)
     steps = keys.shape[1]
     if final_out is not None:
@@ -310,22 +306,17 @@ def triton_recurrence(
             for dst, src in zip(final_out, (tilde_k, tilde_v, s)):
                 dst[rows] = src[rows]
             return keys.new_empty(keys.shape), final_out
-        direct = all(t.stride(-1) == 1 for t in final_out)
-        # Buffers without a unit last stride get contiguous stand-ins (whole copies, so rows a slot
-        # step leaves alone stay as they were) that are copied back.
-        bufs = final_out if direct else tuple(t.contiguous() for t in final_out)
-        if steps == 1 and restart is None:
-            out = _step_into_op(
-                keys[:, 0], queries[:, 0], values[:, 0], beta[:, 0], gamma[:, 0], p1[:, 0], p2[:, 0], p3[:, 0],
-                None if dones is None else dones[:, 0], tilde_k, tilde_v, s, tick, eps, *bufs, slots,
-            ).unsqueeze(1)  # fmt: skip
-        else:
-            out = _recurrence_into_op(keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s,
-                                      tick, eps, *bufs, slots, *restart_args)  # fmt: skip
-        if not direct:
-            for dst, src in zip(final_out, bufs):
-                dst.copy_(src)
-        return out, final_out
+
+        def run(bufs):
+            if steps == 1 and restart is None:
+                return _step_into_op(
+                    keys[:, 0], queries[:, 0], values[:, 0], beta[:, 0], gamma[:, 0], p1[:, 0], p2[:, 0], p3[:, 0],
+                    None if dones is None else dones[:, 0], tilde_k, tilde_v, s, tick, eps, *bufs, slots,
+                ).unsqueeze(1)  # fmt: skip
+            return _recurrence_into_op(keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s,
+                                       tick, eps, *bufs, slots, *restart_args)  # fmt: skip
+
+        return into_buffers(final_out, run)  # type: ignore[return-value]
     if steps == 1 and not needs_grad and restart is None:
         out, tk, tv, st = _step_op(
             keys[:, 0], queries[:, 0], values[:, 0], beta[:, 0], gamma[:, 0], p1[:, 0], p2[:, 0], p3[:, 0],

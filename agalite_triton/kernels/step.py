@@ -21,7 +21,16 @@ import triton.language as tl
 from .._validation import check_recurrence_args
 from ..oscillator import oscillator_table
 from .forward import load_state, store_state
-from .launch import acc_dtype, dims_of, dones_arg, new_output, same_strides, state_strides
+from .launch import (
+    acc_dtype,
+    check_in_place,
+    dims_of,
+    dones_arg,
+    new_output,
+    same_strides,
+    state_strides,
+    step_buffers,
+)
 from .step_math import (
     advance,
     keep_of,
@@ -131,19 +140,10 @@ def step_forward(
     eta, r = p1.shape[-1], tilde_k.shape[1]
     dims = dims_of(keys.unsqueeze(1), eta, r)
     cfg = dims.config("step")
-    device, sdt = keys.device, tilde_k.dtype
+    device = keys.device
     keys, queries, values, beta, gamma = same_strides((keys, queries, values, beta, gamma))
     p1, p2, p3 = same_strides((p1, p2, p3))
-    if in_place:
-        tk_out, tv_out, s_out = tilde_k, tilde_v, s
-    else:
-        tilde_k, tilde_v, s = (x if x.stride(-1) == 1 else x.contiguous() for x in (tilde_k, tilde_v, s))
-        if state_out is not None:
-            tk_out, tv_out, s_out = state_out
-        elif slots is not None:
-            raise ValueError("slots: the step writes rows of a state, so it needs in_place or state_out")
-        else:
-            tk_out, tv_out, s_out = (new_output(tuple(x.shape), sdt, device) for x in (tilde_k, tilde_v, s))
+    (tilde_k, tilde_v, s), (tk_out, tv_out, s_out) = step_buffers((tilde_k, tilde_v, s), in_place, state_out, slots)
     done_t, sn_b, _ = dones_arg(dones, keys)
     out = new_output((batch, heads, dim), keys.dtype, device)
     if batch * heads == 0:  # an empty grid is not a valid launch
@@ -224,7 +224,5 @@ def agalite_step_(
     check_recurrence_args(
         keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick, has_time=False
     )
-    for name, t in (("tilde_k", tilde_k), ("tilde_v", tilde_v), ("s", s)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name}: updated in place, so its last dimension needs stride 1, got {t.stride()}")
+    check_in_place(("tilde_k", "tilde_v", "s"), (tilde_k, tilde_v, s))
     return _step_inplace_op(keys, queries, values, beta, gamma, p1, p2, p3, dones, tilde_k, tilde_v, s, tick, eps)

@@ -11,7 +11,8 @@
 * the whole model (fused projections, strided views, 4 layers) forward + backward against the
   reference backend, float32 and bf16 autocast;
 * a whole-model rollout step captured in a CUDA graph and replayed, against eager reference steps;
-* the small gates of ``bench.gate`` (recurrence, model, GTrXL's two modes).
+* the small gates of ``bench.gate`` (recurrence, model, GTrXL's two modes);
+* GaLiTe's kernels at the galite-tmaze size (``galite.correctness``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from agalite_triton import AGaLiTe, agalite_recurrence
 from .. import gate
 from ..systems import training_state
 from ..workloads import autocast
-from . import cases
+from . import cases, galite
 from .graphs import capture, rollout_body
 from .sizes import Case
 from .stage import Session, Stage
@@ -271,3 +272,4 @@ def run(session: Session, stage: Stage) -> None:
                    batch=batch, seq_len=seq_len, dtype=dtype, model=plan.model_config)  # fmt: skip
     for case in plan.training:
         _recurrence_cases(session, stage, case, "training")
+    galite.correctness(session, stage)

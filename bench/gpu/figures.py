@@ -17,7 +17,6 @@ Every kernel variant is checked against the float64 oracle (recurrence) or the r
 
 from __future__ import annotations
 
-import contextlib
 import gc
 from collections.abc import Callable
 from dataclasses import replace
@@ -27,11 +26,11 @@ import torch
 
 from ..systems import build
 from ..workloads import inference_step, training_step
-from . import cases
+from . import cases, galite
 from .floors import recurrence_bytes
 from .graphs import graphed_rollout
 from .sizes import Shape, System
-from .stage import Session, Stage, launch_config
+from .stage import Session, Stage, json_table, launch_config
 from .timer import peak_memory, time_call
 
 __all__ = ["run"]
@@ -47,15 +46,7 @@ def _variants(session: Session) -> list[tuple[str, str, dict | None]]:
     return out
 
 
-@contextlib.contextmanager
-def _table(table: dict | None):
-    if table is None:
-        yield
-        return
-    from agalite_triton.kernels import config
-
-    with config.use_table(config.table_from_json(table)):
-        yield
+_table = json_table
 
 
 def _timed(session: Session, fn: Callable[[], None], work: int, rep_s: float) -> dict[str, Any]:
@@ -223,3 +214,4 @@ def run(session: Session, stage: Stage) -> None:
     _rollout(session, stage)
     _training(session, stage)
     _recurrence(session, stage, plan.figure_dtypes, plan.figure_shapes)
+    galite.figures(session, stage)

@@ -8,9 +8,10 @@ abandoned with ``CudaContextLost`` and the session continues the remaining stage
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from .budget import Budget, StageBudget
 from .records import Recorder
 from .sizes import Plan
 
-__all__ = ["CudaContextLost", "Session", "Stage", "cuda_alive", "is_oom", "launch_config"]
+__all__ = ["CudaContextLost", "Session", "Stage", "cuda_alive", "is_oom", "json_table", "launch_config"]
 
 
 class CudaContextLost(RuntimeError):
@@ -54,6 +55,18 @@ def launch_config(shape_pads: tuple[int, int, int]) -> dict[str, Any] | None:
         return None
     cls = config.size_class(*shape_pads)
     return dict(size_class=cls, **{k: asdict(config.get_config(k, *shape_pads)) for k in config.KERNELS})
+
+
+@contextlib.contextmanager
+def json_table(table: dict | None) -> Iterator[None]:
+    """Launch with a table given as ``table_to_json`` writes it (None: the active table) inside the block."""
+    if table is None:
+        yield
+        return
+    from agalite_triton.kernels import config
+
+    with config.use_table(config.table_from_json(table)):
+        yield
 
 
 @dataclass

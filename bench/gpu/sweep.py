@@ -7,7 +7,8 @@ Each candidate was compiled (and checked at a tiny batch) by the compile pool be
 is checked again at the sweep's batch on a subset of rows against the float64 oracle with
 NaN-poisoned outputs, and only if it agrees, timed (``do_bench``), with the registers, spills and
 blocks/SM of the kernels it launched. Shapes: the paper and standard sizes at B = 1024 and the
-paper size at B = 256 (T = 128, float32); the step kernel also at B = 4096. The tuned table
+paper size at B = 256 (T = 128, float32); the step kernel also at B = 4096. GaLiTe's kernels follow
+(``galite.sweep``: warps, rows per program, stages, CHUNK at galite-tmaze). The tuned table
 (``tune.tuned_table``) is recorded at the end and used by the figures as an extra variant.
 """
 
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from . import cases, compiled, heartbeat, tune
+from . import cases, compiled, galite, heartbeat, tune
 from .precompile import Task
 from .records import read_records
 from .sizes import Plan, Shape
@@ -190,6 +191,7 @@ def run(session: Session, stage: Stage) -> None:
     sweep_kernel("step")
     inputs.cache.clear()
     session.precompiler = None
+    galite.sweep(session, stage)
 
     def choose() -> dict[str, Any]:
         table, choices = tune.tuned_table(read_records(session.recorder.path))

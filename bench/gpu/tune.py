@@ -28,7 +28,8 @@ from .records import read_records
 __all__ = ["choose", "main", "tuned_table"]
 
 _KEYS = {"forward": ("num_warps", "num_stages"), "backward": ("num_warps", "num_stages", "split", "chunk"),
-         "step": ("num_warps",)}  # fmt: skip
+         "step": ("num_warps",), "galite_forward": ("num_warps", "num_stages", "rows"),
+         "galite_backward": ("num_warps", "rows", "chunk"), "galite_step": ("num_warps", "rows")}  # fmt: skip
 
 
 def _key(kernel: str, candidate: dict[str, Any]) -> tuple[int, ...]:
@@ -86,14 +87,13 @@ def tuned_table(records: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dic
     choices = choose(records)
     chunks = {}
     for ch in choices:
-        fields = {k: int(ch["chosen"][k]) for k in ("num_warps", "num_stages", "chunk", "split")}
         entry = dict(table[ch["kernel"]][ch["size_class"]])
-        entry.update({k: fields[k] for k in _KEYS[ch["kernel"]]})
+        entry.update({k: int(ch["chosen"][k]) for k in _KEYS[ch["kernel"]]})
         table[ch["kernel"]][ch["size_class"]] = entry
-        if ch["kernel"] == "backward":
-            chunks[ch["size_class"]] = fields["chunk"]
-    for cls, chunk in chunks.items():  # the forward's entry decides the checkpoint interval
-        table["forward"][cls] = dict(table["forward"][cls], chunk=chunk)
+        if ch["kernel"].endswith("backward"):
+            chunks[ch["kernel"].replace("backward", "forward"), ch["size_class"]] = entry["chunk"]
+    for (forward, cls), chunk in chunks.items():  # the forward's entry decides the checkpoint interval
+        table[forward][cls] = dict(table[forward][cls], chunk=chunk)
     config.table_from_json(table)  # validates: what is printed is accepted
     return table, choices
 
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sp = ch["speedup_vs_default"]
         sp_text = ", ".join(f"{s} {v:.2f}x" for s, v in sp.items()) if sp else "default not timed"
         chosen = {k: ch["chosen"][k] for k in _KEYS[ch["kernel"]]}
-        print(f"{ch['kernel']:8s} {ch['size_class']:9s} {ch['configs']:3d} configs -> {chosen} vs default: {sp_text}",
+        print(f"{ch['kernel']:15s} {ch['size_class']:9s} {ch['configs']:3d} configs -> {chosen} vs default: {sp_text}",
               file=sys.stderr)  # fmt: skip
     text = json.dumps(table, indent=1)
     if args.out:
