@@ -313,8 +313,8 @@ GALITE_BAD_CALLS: list[BadCall] = [
      RuntimeError, r"^final_out: only for inference"),
     ("rec_final_out_length", lambda c: torch.no_grad()(c.recurrence)(final_out=(torch.empty_like(c.rec["c"]),)),
      TypeError, r"^final_out: expected a tuple \(c, s\)"),
-    ("rec_triton_backend", lambda c: c.recurrence(backend="triton"), (NotImplementedError, RuntimeError),
-     r"backend='triton'"),
+    ("rec_triton_without_interpreter", lambda c: _set_env(c, "TRITON_INTERPRET", "0").recurrence(backend="triton"),
+     RuntimeError, r"backend='triton'"),
 ]
 
 

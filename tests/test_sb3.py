@@ -76,8 +76,11 @@ def test_learn_trains_the_cores_and_the_replay_matches_the_rollout(core, one_thr
             batch.observations, batch.actions.long().flatten(), batch.lstm_states, batch.episode_starts
         )
     mask = batch.mask > 0
-    torch.testing.assert_close(values.flatten()[mask], batch.old_values[mask], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(log_prob[mask], batch.old_log_prob[mask], rtol=1e-6, atol=1e-6)
+    # GaLiTe's read-out divides by <s, Q>, which amplifies float32 rounding between the rollout's one-step
+    # calls and the replay's sequence (measured up to 8e-6 relative); a replay from wrong states is far off.
+    tol = 1e-6 if core == "agalite" else 2e-5
+    torch.testing.assert_close(values.flatten()[mask], batch.old_values[mask], rtol=tol, atol=tol)
+    torch.testing.assert_close(log_prob[mask], batch.old_log_prob[mask], rtol=tol, atol=tol)
 
 
 def test_predict_and_shared_core_and_bad_kwargs():
