@@ -203,16 +203,39 @@ def readout_weights(attn: Any, u: torch.Tensor, tick0: int) -> dict[str, Any]:
     }
 
 
-def trace(core: str, seed: int, steps: int, cfg_kw: dict[str, Any]) -> dict[str, Any]:
-    """Train PPO as the README's table (16 epochs) with probes, then look at the trained agent."""
+def greedy_episodes(ppo: Any, agent: Any, env: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """One episode in each of ``n`` fresh copies of ``env``, acted on greedily (argmax) by the trained
+    ``agent``: the observations (n, T, obs), the greedy actions (n, T) and each episode's return. Both
+    card tasks deal the same cards whatever the actions, and every episode has the same length."""
+    envs = ppo.make_popgym_envs(env[len(ppo.POPGYM_PREFIX) :], n)
+    o = envs.reset(seed=seed)[0]
+    state = agent.initial_state(n, torch.device("cpu"))
+    done = torch.zeros(n)
+    observations, actions, returns = [], [], np.zeros(n)
+    with torch.no_grad():
+        while True:
+            x = torch.from_numpy(np.asarray(o, dtype=np.float32))
+            logits, _, state = agent(x, state, done)
+            action = logits.argmax(-1)
+            observations.append(x)
+            actions.append(action)
+            o, reward, term, trunc, _ = envs.step(action.numpy())
+            returns += reward
+            ended = np.asarray(term | trunc)
+            if ended.any():
+                if not ended.all():
+                    raise RuntimeError(f"{env}: episodes of unequal length; expected every copy to end together")
+                break
+    envs.close()
+    return torch.stack(observations, 1), torch.stack(actions, 1), returns
+
+
+def trace(core: str, seed: int, steps: int, cfg_kw: dict[str, Any], env: str = "popgym:CountRecallEasy",
+          r: int = 2) -> dict[str, Any]:  # fmt: skip
+    """Train PPO as the README's table (16 epochs) with probes, then look at the trained agent: its greedy
+    return, and for AGaLiTe the read-out's share of each past step and the gates on fresh episodes."""
     diagnose_r = _load("diagnose_r")
     ppo = diagnose_r._ppo()
-    if core != "agalite":
-        result = ppo.train(ppo.PPOConfig(env="popgym:CountRecallEasy", core=core, seed=seed, total_timesteps=steps,
-                                         **cfg_kw), progress=False)  # fmt: skip
-        return {"core": core, "seed": seed, "returns": [p["mean_return"] for p in result["curve"]],
-                "v_loss": [p["v_loss"] for p in result["curve"]], "pg_loss": [p["pg_loss"] for p in result["curve"]],
-                "entropy": [p["entropy"] for p in result["curve"]]}  # fmt: skip
     agents: list[Any] = []
     base = ppo.Agent
 
@@ -223,37 +246,42 @@ def trace(core: str, seed: int, steps: int, cfg_kw: dict[str, Any]) -> dict[str,
 
     ppo.Agent = Keep
     try:
-        probes = diagnose_r.train_with_probes(ppo, "popgym:CountRecallEasy", 2, seed, steps, cfg_kw)
+        if core == "agalite":
+            run = diagnose_r.train_with_probes(ppo, env, r, seed, steps, cfg_kw)
+        else:
+            result = ppo.train(ppo.PPOConfig(env=env, core=core, seed=seed, total_timesteps=steps, **cfg_kw),
+                               progress=False)  # fmt: skip
+            run = {key: [p[name] for p in result["curve"]] for key, name in (
+                ("returns", "mean_return"), ("entropy", "entropy"), ("pg_loss", "pg_loss"), ("v_loss", "v_loss"))}
     finally:
         ppo.Agent = base
     agent = agents[-1]
-    gen = torch.Generator().manual_seed(seed + 100)
-    obs, answer = episodes(8, gen)
+    obs, pred, greedy = greedy_episodes(ppo, agent, env, 16, seed + 100)
+    row: dict[str, Any] = {"env": env, "core": core, "seed": seed, **({"r": r} if core == "agalite" else {}), **run,
+                           "greedy_return": float(greedy.mean()), "greedy_action_spread": int(pred.unique().numel())}
+    if env.endswith("CountRecallEasy"):
+        # Observations: one-hot dealt colour, one-hot query colour; the answer counts this step's card too.
+        dealt, query = obs[..., :2], obs[..., 2:4]
+        answer = (dealt.cumsum(1) * query).sum(-1).long()
+        row["greedy_accuracy"] = float((pred == answer).float().mean())
+        row["greedy_mae"] = float((pred - answer).abs().float().mean())
+    if core != "agalite":
+        return row
     layer = agent.core.net.layers[0]
     with torch.no_grad():
         u = layer.ln1(F.relu(layer.emb(obs)))
     per_episode = [readout_weights(layer.attn, u[i], tick0=1000 * i) for i in range(obs.shape[0])]
     share = np.mean([p["share"] for p in per_episode], axis=0)  # (T, T)
     T = share.shape[0]
-    # How much of step t's read-out comes from the current step, the last 5 steps and the rest.
-    own = float(np.mean([share[t, t] for t in range(T)]))
-    recent = float(np.mean([share[t, max(0, t - 5) : t].sum() for t in range(1, T)]))
-    older = float(np.mean([share[t, : max(0, t - 5)].sum() for t in range(6, T)]))
-    with torch.no_grad():
-        state = agent.core.net.initial_state(8)
-        y, _ = agent.core.net(obs, state)
-        logits = agent.actor(y)
-        value = agent.critic(y).squeeze(-1)
-    pred = logits.argmax(-1)
+    # The read-out's weight on the step `lag` steps back, averaged over the steps that have one.
+    by_lag = [float(np.mean([share[t, t - lag] for t in range(lag, T)])) for lag in range(11)]
     scalars = [k for k in per_episode[0] if k not in ("share", "denominator")]
-    summary = {k: float(np.mean([p[k] for p in per_episode])) for k in scalars}
     return {
-        "core": core, "seed": seed, "returns": probes["returns"], "grad_norms": probes["grad_norms"],
-        "rollout": probes["rollout"], "gates": summary, "share_own_step": own, "share_last5": recent,
-        "share_older": older, "denominator_by_step": np.mean([p["denominator"] for p in per_episode], 0).tolist(),
-        "greedy_accuracy": float((pred[:, :-1] == answer[:, :-1]).float().mean()),
-        "greedy_mae": float((pred[:, :-1] - answer[:, :-1]).abs().float().mean()),
-        "greedy_action_spread": int(pred.unique().numel()), "value_std": float(value.std()),
+        **row, "gates": {k: float(np.mean([p[k] for p in per_episode])) for k in scalars},
+        "share_own_step": by_lag[0],
+        "share_last5": float(np.mean([share[t, max(0, t - 5) : t].sum() for t in range(1, T)])),
+        "share_older": float(np.mean([share[t, : max(0, t - 5)].sum() for t in range(6, T)])),
+        "share_by_lag": by_lag, "denominator_by_step": np.mean([p["denominator"] for p in per_episode], 0).tolist(),
     }  # fmt: skip
 
 
@@ -274,12 +302,23 @@ HYPOTHESES: dict[str, dict[str, Any]] = {
     "agalite +step number": {"step_feature": True},
     "lstm +step number": {"core": "lstm", "step_feature": True},
     "galite": {"core": "galite"},
+    # Controls for how PPO's signal reaches the answer: the step number given to the memoryless MLP (can
+    # PPO learn the step-number-only answer at this budget at all?), and no discount (the answers do not
+    # change what is dealt next, so gamma 0 is the right credit assignment: each answer's advantage is
+    # its own reward, without the later answers' noise).
+    "none +step number": {"core": "none", "step_feature": True},
+    "agalite gamma 0": {"gamma": 0.0},
+    "lstm gamma 0": {"core": "lstm", "gamma": 0.0},
+    "galite gamma 0": {"core": "galite", "gamma": 0.0},
+    "agalite eps=1 gamma 0": {"attn_eps": 1.0, "gamma": 0.0},
 }
 
 
-def ppo_run(env: str, name: str, seed: int, steps: int) -> dict[str, Any]:
+def ppo_run(env: str, name: str, seed: int, steps: int, r: int = 2) -> dict[str, Any]:
+    """One PPO run of hypothesis ``name``; ``r`` is AGaLiTe's wherever the hypothesis does not set its own."""
     ppo = _ppo()
-    overrides = {"update_epochs": 16, **HYPOTHESES[name]}
+    overrides = {"update_epochs": 16, **({"r": r} if HYPOTHESES[name].get("core", "agalite") == "agalite" else {}),
+                 **HYPOTHESES[name]}  # fmt: skip
     cfg = ppo.PPOConfig(env=env, seed=seed, total_timesteps=steps, **overrides)
     result = ppo.train(cfg, progress=False)
     returns = [p["mean_return"] for p in result["curve"]]
@@ -308,6 +347,7 @@ def main() -> None:
     parser.add_argument("--ppo", action="store_true")
     parser.add_argument("--hypotheses", nargs="*", default=list(HYPOTHESES))
     parser.add_argument("--env", default="popgym:CountRecallEasy")
+    parser.add_argument("--r", type=int, default=2, help="AGaLiTe's r in every --ppo hypothesis that sets none")
     parser.add_argument("--seeds", type=int, nargs="*", default=[1])
     parser.add_argument("--out", type=Path, default=HERE / "results" / "countrecall_diagnosis.json")
     args = parser.parse_args()
@@ -327,15 +367,16 @@ def main() -> None:
         rows = out.setdefault("trace", [])
         for core in args.trace_cores:
             for seed in args.seeds:
-                row = trace(core, seed, args.train_steps, {"update_epochs": 16})
-                rows[:] = [r for r in rows if (r["core"], r["seed"]) != (core, seed)] + [row]
+                row = trace(core, seed, args.train_steps, {"update_epochs": 16}, args.env, args.r)
+                key = (args.env, core, seed)
+                rows[:] = [r for r in rows if (r.get("env", args.env), r["core"], r["seed"]) != key] + [row]
                 print(json.dumps({k: v for k, v in row.items() if not isinstance(v, list)}), flush=True)
                 args.out.write_text(json.dumps(out, indent=1))
     if args.ppo:
         rows = out.setdefault("ppo", [])
         for name in args.hypotheses:
             for seed in args.seeds:
-                row = ppo_run(args.env, name, seed, args.train_steps)
+                row = ppo_run(args.env, name, seed, args.train_steps, args.r)
                 key = (row["env"], name, seed)
                 rows[:] = [r for r in rows if (r["env"], r["hypothesis"], r["seed"]) != key] + [row]
                 print(f"{args.env} {name:24s} seed {seed}: last-5 return {row['last5']:.3f} "

@@ -281,8 +281,9 @@ def train_with_probes(ppo: Any, env: str, r: int, seed: int, steps: int, cfg_kw:
     if per_update:
         iteration_grads.append({k: float(np.mean(v)) for k, v in per_update.items()})
     returns = [p["mean_return"] for p in result["curve"]]
+    losses = {key: [p[key] for p in result["curve"]] for key in ("entropy", "pg_loss", "v_loss")}
     return {"r": r, "seed": seed, "returns": returns, "grad_norms": iteration_grads, "rollout": iteration_rollout,
-            "sps": result["sps"]}  # fmt: skip
+            "sps": result["sps"], **losses}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- 5. supervised recall

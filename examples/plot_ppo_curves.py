@@ -10,7 +10,7 @@ import csv
 import json
 from pathlib import Path
 
-COLORS = {"agalite": "tab:blue", "lstm": "tab:orange", "none": "tab:grey"}
+COLORS = {"agalite": "tab:blue", "galite": "tab:brown", "lstm": "tab:orange", "none": "tab:grey"}
 
 
 def load_runs(runs: Path, corridor: int) -> list[dict]:
